@@ -1,0 +1,58 @@
+# make            build rebind.so
+# make test       install what the checks need (venv, dev packages, redis-server) and run them all
+# make pyz        build the zipapp websockify.pyz
+# make bench      benchmark against upstream websockify (bench-quick: under 2 minutes)
+# make clean
+
+PYTHON ?= python3
+VENV   ?= .venv
+VPY     = $(VENV)/bin/python
+CC     ?= cc
+CFLAGS ?= -O2
+REBIND_CFLAGS = -Wall -Wextra -Werror -fPIC -shared
+
+.PHONY: all test lint typecheck unit system-deps pyz bench bench-quick clean
+
+all: rebind.so
+
+rebind.so: rebind.c
+	$(CC) $(CFLAGS) $(REBIND_CFLAGS) -o $@ $< -ldl
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Servers the end-to-end tests talk to; installed when missing and we may (root with apt-get).
+system-deps:
+	@sh .ci/system-deps
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy --strict
+
+unit: $(VENV)/.installed
+	$(VPY) -m pytest -q
+
+test: $(VENV)/.installed system-deps rebind.so lint typecheck
+	$(VPY) -m pytest
+
+pyz: websockify.pyz
+
+websockify.pyz: websockify_min.py zipapp/__main__.py
+	rm -rf build/pyz && mkdir -p build/pyz
+	cp websockify_min.py zipapp/__main__.py build/pyz/
+	$(PYTHON) -m zipapp build/pyz -o $@ -p '/usr/bin/env python3'
+
+bench:
+	$(PYTHON) bench/run.py
+
+bench-quick:
+	$(PYTHON) bench/run.py --quick
+
+clean:
+	rm -rf rebind.so websockify.pyz build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

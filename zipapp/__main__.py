@@ -1,0 +1,5 @@
+import sys
+
+import websockify_min
+
+sys.exit(websockify_min.main())
