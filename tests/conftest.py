@@ -1,0 +1,362 @@
+"""Shared fixtures: real proxy processes, real target servers, raw WebSocket clients.
+
+The interpreter that runs the proxy under test comes from WSMIN_PYTHON (default: the one
+running the tests), so the same tests can run the proxy under any Python version.
+"""
+
+import base64
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY_SCRIPT = ROOT / "websockify_min.py"
+PROXY_PYTHON = os.environ.get("WSMIN_PYTHON", sys.executable)
+DEADLINE = 10.0  # seconds any single wait in the tests may take
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (and most likely on ::1) right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    """Poll *predicate* until it holds; fail the test when *timeout* passes first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def can_connect(address: Union[Tuple[str, int], str]) -> bool:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    if isinstance(address, tuple) and ":" in address[0]:
+        family = socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+def stop_process(proc: "subprocess.Popen[bytes]", timeout: float = DEADLINE) -> int:
+    """Stop *proc* by its pid: SIGTERM, then SIGKILL if it lingers; return its status."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+    return int(proc.returncode)
+
+
+class Proxy:
+    """A websockify_min process started for one test."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: Path,
+        python: str = PROXY_PYTHON,
+        script: Union[Path, str] = PROXY_SCRIPT,
+        env: Optional[dict] = None,  # type: ignore[type-arg]
+        cwd: Optional[Path] = None,
+        preexec_fn: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.args = list(args)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [python, str(script), *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(cwd) if cwd else None,
+            preexec_fn=preexec_fn,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_listening(self, address: Union[Tuple[str, int], str]) -> "Proxy":
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
+            return can_connect(address)
+
+        wait_until(ready, f"the proxy to listen on {address}")
+        return self
+
+    def wait_log(self, text: str, timeout: float = DEADLINE) -> None:
+        wait_until(lambda: text in self.log(), f"{text!r} in the proxy log", timeout)
+
+    def wait_exit(self, timeout: float = DEADLINE) -> int:
+        return int(self.proc.wait(timeout))
+
+    def stop(self) -> int:
+        status = stop_process(self.proc)
+        self._log.close()
+        return status
+
+
+ProxyFactory = Callable[..., Proxy]
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
+    """start_proxy(*args, listen=("127.0.0.1", port) or path or None, **popen) -> Proxy.
+
+    Waits until the proxy accepts connections on *listen* (unless None); every proxy
+    started is stopped by its pid when the test ends.
+    """
+    started: List[Proxy] = []
+
+    def start(
+        *args: str, listen: Union[Tuple[str, int], str, None] = None, **kwargs: object
+    ) -> Proxy:
+        proxy = Proxy(args, tmp_path / f"proxy-{len(started)}.log", **kwargs)  # type: ignore[arg-type]
+        started.append(proxy)
+        if listen is not None:
+            proxy.wait_listening(listen)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+# -- targets -------------------------------------------------------------------------------
+
+
+class TcpServer:
+    """A threaded TCP server on 127.0.0.1 with one handler per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(512)
+        self.port = int(self.sock.getsockname()[1])
+        self.host = host
+        self.handler = handler
+        self.connections: List[socket.socket] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+        for conn in self.connections:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def echo_handler(conn: socket.socket) -> None:
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+@pytest.fixture
+def echo_server() -> Iterator[TcpServer]:
+    server = TcpServer(echo_handler)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def tcp_server() -> Iterator[Callable[..., TcpServer]]:
+    """tcp_server(handler, host="127.0.0.1") -> TcpServer, closed when the test ends."""
+    servers: List[TcpServer] = []
+
+    def make(handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> TcpServer:
+        server = TcpServer(handler, host)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+# -- a raw WebSocket client, for what well-behaved libraries refuse to send -----------------
+
+
+def client_frame(
+    opcode: int,
+    payload: bytes = b"",
+    fin: bool = True,
+    mask: Optional[bytes] = b"\x37\xfa\x21\x3d",
+    rsv: int = 0,
+    length: Optional[int] = None,
+) -> bytes:
+    """A client frame; *mask* None sends it unmasked, *length* may lie about the size."""
+    size = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | rsv << 4 | opcode
+    mask_bit = 0x80 if mask is not None else 0
+    if size < 126:
+        head = struct.pack("!BB", first, mask_bit | size)
+    elif size < 0x10000:
+        head = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        head = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if mask is None:
+        return head + payload
+    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+class RawClient:
+    """A WebSocket client over a plain socket, frame by frame."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    @classmethod
+    def connect(
+        cls,
+        address: Tuple[str, int],
+        path: str = "/websockify",
+        headers: Sequence[str] = (),
+        protocols: Sequence[str] = ("binary",),
+    ) -> "RawClient":
+        sock = socket.create_connection(address, timeout=DEADLINE)
+        client = cls(sock)
+        status, response = client.handshake(path, headers, protocols)
+        assert status == 101, response
+        return client
+
+    def handshake(
+        self, path: str = "/websockify", headers: Sequence[str] = (), protocols: Sequence[str] = ()
+    ) -> Tuple[int, str]:
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            "Host: localhost",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if protocols:
+            lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
+        lines += list(headers)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return self.read_response()
+
+    def read_response(self) -> Tuple[int, str]:
+        """The status and head of an HTTP response (its body, if any, stays buffered)."""
+        while b"\r\n\r\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed before a response: {self.buffer!r}")
+            self.buffer += data
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        text = head.decode("latin-1")
+        return int(text.split(" ", 2)[1]), text
+
+    def _read_exact(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("connection closed mid-frame")
+            self.buffer += data
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def recv_frame(self) -> Tuple[int, bytes, bool]:
+        """(opcode, payload, fin) of the next server frame, which must be unmasked."""
+        first, second = self._read_exact(2)
+        assert not second & 0x80, "server frames must not be masked"
+        size = second & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", self._read_exact(2))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", self._read_exact(8))[0]
+        return first & 0x0F, self._read_exact(size), bool(first & 0x80)
+
+    def recv_close(self) -> Tuple[int, str]:
+        """Skip data frames until the close frame; return its code and reason."""
+        while True:
+            opcode, payload, _ = self.recv_frame()
+            if opcode == 0x8:
+                if not payload:
+                    return 1005, ""
+                return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+
+    def recv_data(self, size: int) -> bytes:
+        """Gather *size* payload bytes from data frames."""
+        got = b""
+        while len(got) < size:
+            opcode, payload, _ = self.recv_frame()
+            assert opcode in (0x0, 0x1, 0x2), f"unexpected opcode {opcode}"
+            got += payload
+        return got
+
+    def send(self, opcode: int, payload: bytes = b"", **kwargs: object) -> None:
+        self.sock.sendall(client_frame(opcode, payload, **kwargs))  # type: ignore[arg-type]
+
+    def at_eof(self, timeout: float = DEADLINE) -> bool:
+        """True once the server has closed the TCP connection (after any buffered bytes)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buffer += data
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
