@@ -476,17 +476,17 @@ class FrameDecoder:
         if size < 2:
             return 0
         first, second = buf[0], buf[1]
-        length = second & 0x7F
-        used = 14 if length == 127 else 8 if length == 126 else 6  # with the 4-byte mask
-        if size < used:
-            return 0
-        opcode, fin = first & 0x0F, bool(first & 0x80)
+        opcode, fin, length = first & 0x0F, bool(first & 0x80), second & 0x7F
+        # Checked on the first two bytes: a peer that breaks these rules may never send more.
         if first & 0x70:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "reserved bits set")
         if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
         if not second & 0x80:
             raise ProtocolError(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
+        used = 14 if length == 127 else 8 if length == 126 else 6  # with the 4-byte mask
+        if size < used:
+            return 0
         if length == 126:
             length = (buf[2] << 8) | buf[3]
         elif length == 127:
@@ -1610,11 +1610,9 @@ class Server:
             self.loop.stop()
             return
         log.info("shutting down")
-        self._stopping = True
-        self._stop_accepting()
         for session in list(self._sessions.values()):
             session.shutdown()
-        self._stop_when_idle()
+        self._wind_down()
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -1629,8 +1627,7 @@ class Server:
     def on_relay_started(self, session: Session) -> None:
         if self.options.run_once and self._accepting:
             log.info("--run-once: serving this session, then exiting")
-            self._stop_accepting()
-            self._stopping = True
+            self._wind_down()
 
     def on_session_closed(self, session: Session) -> None:
         self._sessions.pop(session.number, None)
@@ -1657,9 +1654,7 @@ class Server:
 
     def _on_timeout(self) -> None:
         log.info("--timeout reached: no new connections; exiting once sessions end")
-        self._stopping = True
-        self._stop_accepting()
-        self._stop_when_idle()
+        self._wind_down()
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -1669,9 +1664,13 @@ class Server:
     def _on_idle(self) -> None:
         if not self._sessions and not self._stopping:
             log.info("--idle-timeout: no session for %gs, exiting", self.options.idle_timeout)
-            self._stopping = True
-            self._stop_accepting()
-            self._stop_when_idle()
+            self._wind_down()
+
+    def _wind_down(self) -> None:
+        """Accept no more connections (closing the listeners); stop once no session is left."""
+        self._stopping = True
+        self._stop_accepting()
+        self._stop_when_idle()
 
     def _stop_when_idle(self) -> None:
         if not self._sessions:
@@ -1686,9 +1685,14 @@ class Server:
             self.loop.set_interest(listener, selectors.EVENT_READ)
 
     def _stop_accepting(self) -> None:
+        """Stop accepting; for good (closing the listeners) when the server is stopping."""
         self._accepting = False
         for listener in self._listeners:
             self.loop.set_interest(listener, 0)
+            if self._stopping:
+                listener.sock.close()
+        if self._stopping:
+            self._listeners = []
 
     def _accept(self, listener: _Listener) -> None:
         for _ in range(_ACCEPT_BATCH):

@@ -77,13 +77,14 @@ class Proxy:
         env: Optional[dict] = None,  # type: ignore[type-arg]
         cwd: Optional[Path] = None,
         preexec_fn: Optional[Callable[[], None]] = None,
+        stdin: Optional[int] = None,
     ) -> None:
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [python, str(script), *self.args],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
