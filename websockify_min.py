@@ -1048,6 +1048,10 @@ class Stream(Watched):
             self.handshaking = False
             self.update()
             self.owner.on_tls_done(self)
+            # The peer's first records may have come with its last handshake message and sit
+            # decrypted in the SSL object, where the selector cannot see them.
+            if self.reading and not self.closed:
+                self._read()
             return
         self.update()
 
@@ -1891,11 +1895,21 @@ def make_server_context(options: "Options") -> Optional[ssl.SSLContext]:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_minimum_version(context, options.ssl_version)
+    key_file = options.key or cert
+    asked_password = []
+
+    def password() -> bytes:  # a callback: OpenSSL would otherwise prompt on the terminal
+        asked_password.append(True)
+        if options.key_password is None:
+            raise ConfigError(f"--key-password: the key in {key_file!r} is encrypted")
+        return options.key_password.encode()
+
     try:
-        context.load_cert_chain(cert, options.key or None, options.key_password)
+        context.load_cert_chain(cert, options.key or None, password)
     except (OSError, ssl.SSLError) as exc:
-        what = "--key-password" if "password" in str(exc).lower() else "--cert/--key"
-        raise ConfigError(f"{what}: cannot load {cert!r}: {_describe(exc)}") from None
+        if asked_password:
+            raise ConfigError(f"--key-password: wrong password for {key_file!r}") from None
+        raise ConfigError(f"--cert/--key: cannot load {cert!r}: {_describe(exc)}") from None
     if options.ssl_ciphers:
         try:
             context.set_ciphers(options.ssl_ciphers)
