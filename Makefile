@@ -11,7 +11,7 @@ CC     ?= cc
 CFLAGS ?= -O2
 REBIND_CFLAGS = -Wall -Wextra -Werror -fPIC -shared
 
-.PHONY: all test lint typecheck unit system-deps pyz bench bench-quick clean
+.PHONY: all test lint typecheck unit matrix system-deps pyz bench bench-quick clean
 
 all: rebind.so
 
@@ -38,8 +38,13 @@ typecheck: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(VPY) -m pytest -q
 
+# The smoke tests again, with the proxy under every Python from 3.6 up that pyenv has.
+matrix: $(VENV)/.installed
+	.ci/matrix $(VPY)
+
 test: $(VENV)/.installed system-deps rebind.so lint typecheck
 	$(VPY) -m pytest
+	.ci/matrix $(VPY)
 
 pyz: websockify.pyz
 
