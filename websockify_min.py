@@ -15,18 +15,44 @@ Sections: 1 Header 2 Errors 3 Masking 4 HTTP 5 Frames 6 Plugins 7 Static
 
 # === 1. Header ===
 
+import base64
 import enum
+import http.client
+import json
+import logging
+import os
+import re
 import sys
-from typing import Mapping, Optional, Union
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AuthPlugin",
     "AuthenticationError",
     "ConfigError",
     "HandshakeError",
     "ProtocolError",
+    "Target",
+    "TokenPlugin",
+    "check_auth",
+    "lookup_target",
     "main",
+    "token_from_request",
 )
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -96,6 +122,432 @@ class ConfigError(Exception):
 # === 5. WebSocket frames (sans-IO) ===
 
 # === 6. Plugins ===
+#
+# Token plugins turn the client's token into a target; auth plugins allow or
+# refuse a client. Both keep upstream's duck-typed interfaces, so plugins
+# written for websockify load unchanged. Every plugin method runs in a worker
+# thread, never on the loop: it may block (always with a timeout) and must be
+# thread-safe.
+
+_log = logging.getLogger("websockify_min")
+
+# Upstream's HTTP token plugins wait 5 s for their service; Redis gets the same.
+_TOKEN_SERVICE_TIMEOUT = 5.0
+# A target is a few dozen bytes; a bigger answer from a service or a
+# TokenFileName file is a mistake, and reading it whole would cost memory.
+_MAX_TARGET_BYTES = 64 * 1024
+# The host upstream's plugins return when the "port" is a unix socket path.
+_UNIX_SOCKET_HOST = "unix_socket"
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class TokenPlugin(Protocol):
+        """What ``--token-plugin`` loads: ``lookup`` returns (host, port) or None."""
+
+        def lookup(self, token: str) -> Optional[Sequence[object]]: ...
+
+    class AuthPlugin(Protocol):
+        """What ``--auth-plugin`` loads: ``authenticate`` returns or raises."""
+
+        def authenticate(
+            self,
+            headers: http.client.HTTPMessage,
+            target_host: Optional[str],
+            target_port: Union[int, str, None],
+        ) -> None: ...
+
+else:
+    TokenPlugin = AuthPlugin = object
+
+
+class Target(NamedTuple):
+    """Where a client is proxied to: a TCP host and port, or a unix socket."""
+
+    host: str  # "unix_socket" (upstream's marker) when unix_socket is set
+    port: int  # 0 when unix_socket is set
+    unix_socket: Optional[str] = None
+
+    def __str__(self) -> str:
+        if self.unix_socket is not None:
+            return f"unix socket {self.unix_socket}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+class _TokenRefused(HandshakeError):
+    """A built-in token plugin refuses: *reason* goes to the client, *detail* to the log."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(status, reason)
+        self.detail = detail
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """repr() of untrusted *value*, cut short: log lines stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one bounded line, without a traceback."""
+    text = " ".join(str(exc).split())
+    name = type(exc).__name__
+    return f"{name}: {text}"[:300] if text else name
+
+
+def _loads_json(text: str) -> Any:
+    """json.loads that fails only with ValueError (deep nesting raises RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+# --- targets ---
+
+_DECIMAL = re.compile(r"[0-9]+")  # str.isdigit() also takes digits int() refuses
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+# Whitespace, controls, brackets and slashes never occur in a host name or an
+# address, and a host containing them would be a parsing accident.
+_BAD_HOST_CHARS = re.compile(r"[\s\x00-\x1f\x7f\[\]/]")
+
+
+def _make_target(host: str, port: object) -> Target:
+    """A TCP target from *host* and *port* (int, or decimal digits in str or bytes).
+
+    Raises ValueError. ``[v6addr]`` loses its brackets."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or len(host) > 255 or _BAD_HOST_CHARS.search(host):
+        raise ValueError(f"invalid host {_brief(host)}")
+    if isinstance(port, bytes):  # upstream's BaseTokenAPI returns the port as bytes
+        port = port.decode("ascii", "replace")
+    if isinstance(port, str) and _PORT_DIGITS.fullmatch(port):
+        port = int(port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError(f"invalid port {_brief(port)}")
+    return Target(host, port)
+
+
+def _make_unix_target(path: object) -> Target:
+    """A unix socket target; raises ValueError unless *path* is a usable path."""
+    if isinstance(path, os.PathLike):  # upstream's UnixDomainSocketDirectory returns a Path
+        path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ValueError(f"invalid unix socket path {_brief(path)}")
+    return Target(_UNIX_SOCKET_HOST, 0, path)
+
+
+def _parse_target(text: str) -> Target:
+    """``host:port``, ``[v6addr]:port`` or ``unix_socket:/path``; raises ValueError."""
+    if text.startswith(_UNIX_SOCKET_HOST + ":"):
+        return _make_unix_target(text[len(_UNIX_SOCKET_HOST) + 1 :])
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError(f"expected host:port, got {_brief(text)}")
+    return _make_target(host, port)
+
+
+def _target_from_result(result: object) -> Target:
+    """Normalise what a token plugin's ``lookup()`` returned; raises ValueError."""
+    if isinstance(result, Target):
+        if result.unix_socket is not None:
+            return _make_unix_target(result.unix_socket)
+        return _make_target(result.host, result.port)
+    if not isinstance(result, (list, tuple)) or len(result) != 2:
+        raise ValueError(f"expected (host, port), got {_brief(result)}")
+    host, port = result
+    if isinstance(host, bytes):
+        host = host.decode("utf-8")
+    if not isinstance(host, str):
+        raise ValueError(f"invalid host {_brief(host)}")
+    if host == _UNIX_SOCKET_HOST:
+        return _make_unix_target(port)
+    return _make_target(host, port)
+
+
+def _target_from_json(value: object) -> Target:
+    """``"host:port"``, ``{"host": h, "port": p}`` or ``{"host": "h:p"}``; raises ValueError."""
+    if isinstance(value, str):
+        return _parse_target(value)
+    if isinstance(value, dict) and "host" in value:
+        host = value["host"]
+        if "port" in value:
+            return _target_from_result((host, value["port"]))
+        if isinstance(host, str):
+            return _parse_target(host)
+    raise ValueError('expected "host:port" or {"host": ..., "port": ...}')
+
+
+def _as_pair(target: Target) -> Tuple[str, Union[int, str]]:
+    """A target in upstream's ``lookup()`` shape, which plugin subclasses expect."""
+    if target.unix_socket is not None:
+        return (_UNIX_SOCKET_HOST, target.unix_socket)
+    return (target.host, target.port)
+
+
+# --- parsers of untrusted text (each raises ValueError and nothing else) ---
+
+_TOKEN_SEPARATOR = re.compile(r":\s")
+
+
+def _parse_token_line(line: str) -> Optional[Tuple[str, Target]]:
+    """One line of a token file: ``token: host:port``.
+
+    None for a blank line or a ``#`` comment; ValueError for anything else
+    that is not an entry. The token ends at the first colon followed by
+    whitespace (as upstream splits), so a token may itself contain colons."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    separator = _TOKEN_SEPARATOR.search(line)
+    if separator is None or separator.start() == 0:
+        raise ValueError("expected 'token: host:port'")
+    target = line[separator.end() :].strip()
+    if not target or any(char.isspace() for char in target):
+        raise ValueError("expected 'token: host:port'")
+    return line[: separator.start()], _parse_target(target)
+
+
+def _parse_json_tokens(text: str) -> Tuple[Dict[str, Target], List[str]]:
+    """A JSON token file: an object mapping tokens to targets.
+
+    Returns the targets and one message per entry that was skipped as
+    invalid. Raises ValueError when *text* is not a JSON object at all."""
+    data = _loads_json(text)
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object mapping tokens to targets")
+    targets: Dict[str, Target] = {}
+    skipped: List[str] = []
+    for number, (token, value) in enumerate(data.items(), 1):
+        try:
+            targets[token] = _target_from_json(value)
+        except ValueError as exc:
+            # The position, not the token: tokens are secrets and logs are not.
+            skipped.append(f"entry {number}: {exc}")
+    return targets, skipped
+
+
+def _parse_basic_credentials(header: str) -> Tuple[bytes, bytes]:
+    """``Basic base64(user:password)`` from an Authorization header, as bytes.
+
+    Raises ValueError for another scheme, invalid base64 or a missing colon.
+    The scheme is case-insensitive (RFC 7235 section 2.1)."""
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise ValueError("not Basic authentication")
+    decoded = base64.b64decode(credentials.strip(), validate=True)  # binascii.Error is a ValueError
+    user, colon, password = decoded.partition(b":")
+    if not colon:
+        raise ValueError("no colon between user and password")
+    return user, password
+
+
+def _split_source_fields(source: str) -> List[str]:
+    """Split at ':' like upstream's TokenRedis; a field in double quotes may hold ':'.
+
+    Raises ValueError for an unterminated quote or text after a closing quote."""
+    fields: List[str] = []
+    pos = 0
+    while True:
+        if source.startswith('"', pos):
+            end = source.find('"', pos + 1)
+            if end < 0:
+                raise ValueError("unterminated quote")
+            fields.append(source[pos + 1 : end])
+            pos = end + 1
+            if pos < len(source) and source[pos] != ":":
+                raise ValueError("a closing quote must end its field")
+        else:
+            end = source.find(":", pos)
+            end = len(source) if end < 0 else end
+            fields.append(source[pos:end])
+            pos = end
+        if pos >= len(source):
+            return fields
+        pos += 1  # the ':' between fields
+
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _b64url_decode(text: str) -> bytes:
+    """Unpadded base64url (RFC 7515 section 2), strictly; raises ValueError."""
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# --- shared pieces of the built-ins ---
+
+
+def _source_text(src: Optional[str], flag: str, what: str) -> str:
+    if not src:
+        raise ConfigError(f"needs {flag} ({what})")
+    return src
+
+
+def _source_directory(src: Optional[str], what: str) -> str:
+    """The real path of the directory named by --token-source; ConfigError if it is not one."""
+    path = os.path.realpath(_source_text(src, "--token-source", what))
+    if not os.path.isdir(path):
+        raise ConfigError(f"--token-source {src!r} is not a directory")
+    return path
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """True for a name that can only mean a file directly inside a directory."""
+    if not name or name in (".", "..") or "/" in name or "\x00" in name:
+        return False
+    if os.altsep is not None and os.altsep in name:
+        return False
+    try:
+        return len(os.fsencode(name)) <= 255  # NAME_MAX; longer names only make OSErrors
+    except UnicodeEncodeError:
+        return False
+
+
+def _path_in_directory(directory: str, token: str, plugin: str) -> str:
+    """The real path the *token* names inside *directory* (a real path).
+
+    Raises _TokenRefused when the token is not a plain file name, or names a
+    symlink that leads out of the directory."""
+    if not _is_plain_file_name(token):
+        raise _TokenRefused(400, "Invalid token", f"{plugin}: token is not a plain file name")
+    path = os.path.realpath(os.path.join(directory, token))
+    if os.path.commonpath([directory, path]) != directory:
+        raise _TokenRefused(400, "Invalid token", f"{plugin}: token leads out of {directory}")
+    return path
+
+
+def _invalid_target(plugin: str, detail: object) -> _TokenRefused:
+    return _TokenRefused(400, "Invalid target for token", f"{plugin}: invalid target: {detail}")
+
+
+# --- what the session calls ---
+
+
+def token_from_request(query: str, host_header: Optional[str], host_token: bool) -> Optional[str]:
+    """The token of a request: ``token=`` in *query* (the part after '?'), or with
+    *host_token* (``--host-token``) the Host header without its port. None if absent."""
+    if host_token:
+        host = (host_header or "").strip()
+        if host.startswith("["):  # [v6addr]:port
+            address, bracket, _ = host[1:].partition("]")
+            return address if bracket and address else None
+        return host.partition(":")[0] or None
+    values = urllib.parse.parse_qs(query.lstrip("?")).get("token")
+    if not values:
+        return None
+    # Upstream drops a trailing newline that some clients leave in the token.
+    return values[0].rstrip("\n") or None
+
+
+def lookup_target(plugin: "TokenPlugin", token: Optional[str]) -> Target:
+    """Ask *plugin* where *token* leads. Call from a worker thread: it may block.
+
+    Raises HandshakeError, and nothing else: 400 when *token* is None or
+    empty, or the plugin's answer is not a usable target; 404 when the
+    plugin does not know the token; 500 when the plugin raises (its
+    service is down, or it has a bug); a HandshakeError the plugin raised
+    itself (403 for a bad JWT, for one) passes through. Logs one line for
+    each refusal."""
+    name = type(plugin).__name__
+    if not token:
+        _log.warning("%s: no token in the request", name)
+        raise HandshakeError(400, "Token missing")
+    try:
+        result = plugin.lookup(token)
+    except HandshakeError as exc:
+        detail = exc.detail if isinstance(exc, _TokenRefused) else f"{exc.status} {exc.reason}"
+        _log.warning("token %s refused: %s", _brief(token), detail)
+        raise
+    except (Exception, SystemExit) as exc:  # upstream plugins call sys.exit() on errors
+        _log.error(
+            "token plugin %s failed for token %s: %s",
+            name,
+            _brief(token),
+            _describe(exc),
+            exc_info=_log.isEnabledFor(logging.DEBUG),
+        )
+        raise HandshakeError(500, "Token lookup failed") from None
+    if result is None:
+        _log.warning("token %s not found by %s", _brief(token), name)
+        raise HandshakeError(404, "Token not found")
+    try:
+        return _target_from_result(result)
+    except ValueError as exc:
+        _log.warning("token %s: %s returned an invalid target: %s", _brief(token), name, exc)
+        raise HandshakeError(400, "Invalid target for token") from None
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF or other controls
+
+
+def _is_authentication_error(exc: BaseException) -> bool:
+    """True for our AuthenticationError and for upstream's, or another copy of
+    this module's, which a plugin may import instead: same name, same fields."""
+    return any(cls.__name__ == "AuthenticationError" for cls in type(exc).__mro__)
+
+
+def _refusal_from(exc: BaseException) -> HandshakeError:
+    """The HTTP answer an AuthenticationError asks for, made safe to send."""
+    status = getattr(exc, "code", 403)
+    if not isinstance(status, int) or not 300 <= status <= 599:
+        status = 403
+    reason = getattr(exc, "msg", None)
+    if not isinstance(reason, str) or not reason or not _HEADER_VALUE.fullmatch(reason):
+        reason = http.client.responses.get(status, "Forbidden")
+    headers = getattr(exc, "headers", None)
+    safe_headers = {
+        name: value
+        for name, value in (headers.items() if isinstance(headers, Mapping) else ())
+        if isinstance(name, str)
+        and isinstance(value, str)
+        and _HEADER_NAME.fullmatch(name)
+        and _HEADER_VALUE.fullmatch(value)
+    }
+    return HandshakeError(status, reason[:200], safe_headers)
+
+
+def check_auth(
+    plugin: "AuthPlugin", headers: http.client.HTTPMessage, target: Optional[Target]
+) -> None:
+    """Let *plugin* judge a request. Call from a worker thread: it may block.
+
+    Returns to allow. Raises HandshakeError, and nothing else, to refuse: an
+    AuthenticationError becomes its code (default 403), message and headers;
+    a HandshakeError passes through; any other exception from the plugin
+    becomes 500, so a broken plugin keeps clients out and shows in the log.
+    The plugin sees the target as upstream's plugins do: (host, port),
+    ("unix_socket", path), or (None, None) when there is none yet."""
+    target_host: Optional[str] = None
+    target_port: Union[int, str, None] = None
+    if target is not None:
+        target_host, target_port = _as_pair(target)
+    try:
+        plugin.authenticate(headers=headers, target_host=target_host, target_port=target_port)
+    except HandshakeError as exc:
+        _log.warning("authentication refused: %d %s", exc.status, exc.reason)
+        raise
+    except (Exception, SystemExit) as exc:
+        if _is_authentication_error(exc):
+            refusal = _refusal_from(exc)
+            _log.warning("authentication refused: %s", " ".join(str(exc).split()))
+            raise refusal from None
+        _log.error(
+            "auth plugin %s failed: %s",
+            type(plugin).__name__,
+            _describe(exc),
+            exc_info=_log.isEnabledFor(logging.DEBUG),
+        )
+        raise HandshakeError(500, "Authentication failed") from None
+
 
 # === 7. Static files ===
 
