@@ -22,7 +22,9 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +37,7 @@ from typing import (
     NamedTuple,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Union,
 )
@@ -44,11 +47,17 @@ __version__ = "0.1.0"
 __all__ = (
     "AuthPlugin",
     "AuthenticationError",
+    "BaseTokenPlugin",
     "ConfigError",
     "HandshakeError",
     "ProtocolError",
+    "ReadOnlyTokenFile",
     "Target",
+    "TokenFile",
+    "TokenFileName",
+    "TokenJSONFile",
     "TokenPlugin",
+    "UnixDomainSocketDirectory",
     "check_auth",
     "lookup_target",
     "main",
@@ -426,6 +435,185 @@ def _path_in_directory(directory: str, token: str, plugin: str) -> str:
 
 def _invalid_target(plugin: str, detail: object) -> _TokenRefused:
     return _TokenRefused(400, "Invalid target for token", f"{plugin}: invalid target: {detail}")
+
+
+# --- token plugins ---
+
+
+class BaseTokenPlugin:
+    """Base of token plugins (upstream's ``websockify.token_plugins.BasePlugin``)."""
+
+    def __init__(self, src: Optional[str] = None) -> None:
+        self.source = src
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        """(host, port) for *token*, or None when the token is unknown."""
+        return None
+
+
+class ReadOnlyTokenFile(BaseTokenPlugin):
+    """Lines ``token: host:port`` in a file, or in every file of a directory; read once.
+
+    In a directory, hidden files and editor backups (``name~``) are skipped
+    and files are read in name order, so a later file wins a duplicate token.
+    Malformed lines are logged and skipped."""
+
+    def __init__(self, src: Optional[str]) -> None:
+        super().__init__(src)
+        what = "a token file or a directory of token files"
+        # Absolute, so that daemonizing (which changes directory) changes nothing.
+        self._path = os.path.abspath(_source_text(src, "--token-source", what))
+        if not os.path.exists(self._path):
+            raise ConfigError(f"--token-source {src!r} does not exist")
+        self._reported: Set[str] = set()
+        self._report_lock = threading.Lock()
+        self._targets = self._read_targets()
+
+    def _token_files(self) -> List[str]:
+        if not os.path.isdir(self._path):
+            return [self._path]
+        names = sorted(os.listdir(self._path))
+        paths = [os.path.join(self._path, n) for n in names if n[0] != "." and n[-1] != "~"]
+        return [path for path in paths if os.path.isfile(path)]
+
+    def _read_targets(self) -> Dict[str, Target]:
+        targets: Dict[str, Target] = {}
+        for path in self._token_files():
+            skipped = []
+            try:
+                with open(path, encoding="utf-8", errors="replace") as lines:
+                    for number, line in enumerate(lines, 1):
+                        try:
+                            entry = _parse_token_line(line)
+                        except ValueError as exc:
+                            skipped.append(f"{path} line {number}: {exc}")
+                            continue
+                        if entry is not None:
+                            targets[entry[0]] = entry[1]
+            except FileNotFoundError:
+                if path == self._path:
+                    raise
+                continue  # removed from the directory since it was listed
+            self._report(skipped)
+        return targets
+
+    def _report(self, skipped: List[str]) -> None:
+        """Log each skipped line once, however often the file is re-read."""
+        with self._report_lock:
+            new = [message for message in skipped if message not in self._reported]
+            self._reported.update(new)
+        for message in new:
+            _log.warning("%s: skipped %s", type(self).__name__, message)
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        target = self._targets.get(token)
+        return None if target is None else _as_pair(target)
+
+
+class TokenFile(ReadOnlyTokenFile):
+    """Like ReadOnlyTokenFile, but re-read on every lookup, so edits apply at once."""
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        target = self._read_targets().get(token)
+        return None if target is None else _as_pair(target)
+
+
+class TokenFileName(BaseTokenPlugin):
+    """A directory where the file named after the token holds ``host:port``."""
+
+    def __init__(self, src: Optional[str]) -> None:
+        super().__init__(src)
+        self._directory = _source_directory(src, "a directory of token files")
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        path = _path_in_directory(self._directory, token, "TokenFileName")
+        try:
+            # O_NONBLOCK: opening a FIFO someone left there must not hang the worker.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = file.read(_MAX_TARGET_BYTES + 1)
+        if len(data) > _MAX_TARGET_BYTES:
+            raise _invalid_target("TokenFileName", f"{path} is too large")
+        try:
+            return _as_pair(_parse_target(data.decode("utf-8").strip()))
+        except ValueError as exc:
+            raise _invalid_target("TokenFileName", f"{path}: {exc}") from None
+
+
+class UnixDomainSocketDirectory(BaseTokenPlugin):
+    """A directory where the token names a unix socket to connect to."""
+
+    def __init__(self, src: Optional[str]) -> None:
+        super().__init__(src)
+        self._directory = _source_directory(src, "a directory of unix sockets")
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        path = _path_in_directory(self._directory, token, "UnixDomainSocketDirectory")
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISSOCK(mode):
+            raise _invalid_target("UnixDomainSocketDirectory", f"{path} is not a socket")
+        return (_UNIX_SOCKET_HOST, path)
+
+
+class TokenJSONFile(BaseTokenPlugin):
+    """A JSON object mapping tokens to ``"host:port"`` or ``{"host": h, "port": p}``.
+
+    Re-read when the file changes (inode, size, mtime or ctime). A version
+    that cannot be read or parsed is logged once and ignored: the last good
+    one stays in force, so a typo while editing does not lock everyone out."""
+
+    def __init__(self, src: Optional[str]) -> None:
+        super().__init__(src)
+        self._path = os.path.abspath(_source_text(src, "--token-source", "a JSON token file"))
+        self._lock = threading.Lock()  # one reload at a time
+        try:
+            self._version: Optional[Tuple[int, int, int, int]] = self._file_version()
+            self._targets = self._read_targets()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--token-source {src!r}: {_describe(exc)}") from None
+
+    def _file_version(self) -> Tuple[int, int, int, int]:
+        info = os.stat(self._path)
+        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def _read_targets(self) -> Dict[str, Target]:
+        with open(self._path, encoding="utf-8-sig") as file:  # -sig: tolerate a BOM
+            targets, skipped = _parse_json_tokens(file.read())
+        for message in skipped:
+            _log.warning("TokenJSONFile: %s: skipped %s", self._path, message)
+        return targets
+
+    def _reload_if_changed(self) -> None:
+        try:
+            version: Optional[Tuple[int, int, int, int]] = self._file_version()
+        except OSError:
+            version = None
+        if version == self._version:
+            return
+        with self._lock:
+            if version == self._version:  # another worker reloaded meanwhile
+                return
+            self._version = version  # even if it fails: log once per version, not per lookup
+            try:
+                self._targets = self._read_targets()  # one assignment: readers need no lock
+            except (OSError, ValueError) as exc:
+                _log.warning(
+                    "TokenJSONFile: %s unusable, keeping the previous tokens: %s",
+                    self._path,
+                    _describe(exc),
+                )
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        self._reload_if_changed()
+        target = self._targets.get(token)
+        return None if target is None else _as_pair(target)
 
 
 # --- what the session calls ---
