@@ -17,20 +17,29 @@ Sections: 1 Header 2 Errors 3 Masking 4 HTTP 5 Frames 6 Plugins 7 Static
 
 import base64
 import enum
+import hashlib
+import hmac
 import http.client
+import importlib
+import importlib.util
 import json
 import logging
+import math
 import os
 import re
+import socket
 import stat
 import sys
 import threading
+import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import (
     TYPE_CHECKING,
     Any,
+    BinaryIO,
     Dict,
     List,
     Mapping,
@@ -47,9 +56,12 @@ __version__ = "0.1.0"
 __all__ = (
     "AuthPlugin",
     "AuthenticationError",
+    "BaseTokenAPI",
     "BaseTokenPlugin",
     "ConfigError",
     "HandshakeError",
+    "JSONTokenApi",
+    "JWTTokenApi",
     "ProtocolError",
     "ReadOnlyTokenFile",
     "Target",
@@ -57,6 +69,7 @@ __all__ = (
     "TokenFileName",
     "TokenJSONFile",
     "TokenPlugin",
+    "TokenRedis",
     "UnixDomainSocketDirectory",
     "check_auth",
     "lookup_target",
@@ -614,6 +627,325 @@ class TokenJSONFile(BaseTokenPlugin):
         self._reload_if_changed()
         target = self._targets.get(token)
         return None if target is None else _as_pair(target)
+
+
+class _TokenAPIResponse:
+    """What upstream's ``process_result(resp)`` overrides use of a ``requests`` response."""
+
+    def __init__(self, status_code: int, content: bytes, headers: Mapping[str, str]) -> None:
+        self.status_code = status_code
+        self.ok = status_code < 400
+        self.content = content
+        self.headers = headers
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return _loads_json(self.content.decode("utf-8"))
+
+
+class BaseTokenAPI(BaseTokenPlugin):
+    """GET the source URL with ``%s`` replaced by the token; the body is ``host:port``.
+
+    2xx: the target. 4xx: unknown token. Anything else, or no answer within
+    the timeout: the lookup fails (500)."""
+
+    def __init__(self, src: Optional[str]) -> None:
+        super().__init__(src)
+        url = _source_text(src, "--token-source", "a URL with %s where the token goes")
+        if "%s" not in url:
+            raise ConfigError(f"--token-source {url!r} has no %s for the token")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"--token-source {url!r} is not an http:// or https:// URL")
+        self._url = url
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        plugin = type(self).__name__
+        url = self._url.replace("%s", urllib.parse.quote(token, safe=""), 1)
+        request = urllib.request.Request(
+            url, headers={"User-Agent": f"websockify_min/{__version__}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=_TOKEN_SERVICE_TIMEOUT) as answer:
+                response = _TokenAPIResponse(
+                    answer.getcode(), answer.read(_MAX_TARGET_BYTES + 1), answer.headers
+                )
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if 400 <= exc.code < 500:  # the service refuses this token
+                if exc.code != 404:
+                    _log.warning("%s: the token service answered %d", plugin, exc.code)
+                return None
+            raise
+        if len(response.content) > _MAX_TARGET_BYTES:
+            raise _invalid_target(plugin, "the answer is too large")
+        try:
+            return self.process_result(response)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise _invalid_target(plugin, _describe(exc)) from None
+
+    def process_result(self, resp: _TokenAPIResponse) -> Tuple[str, Union[int, str]]:
+        """The target in a successful answer; override for other formats."""
+        return _as_pair(_parse_target(resp.text.strip()))
+
+
+class JSONTokenApi(BaseTokenAPI):
+    """Like BaseTokenAPI, but the body is JSON: ``{"host": h, "port": p}``."""
+
+    def process_result(self, resp: _TokenAPIResponse) -> Tuple[str, Union[int, str]]:
+        return _as_pair(_target_from_json(resp.json()))
+
+
+class _RedisError(Exception):
+    """Redis answered with an error, or not in RESP."""
+
+
+def _resp_command(*args: str) -> bytes:
+    """One command in RESP, the Redis protocol: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode("utf-8", "surrogatepass")
+        parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
+    return b"".join(parts)
+
+
+_RESP_LENGTH = re.compile(rb"-1|[0-9]{1,9}")
+
+
+def _read_resp_reply(replies: BinaryIO) -> Optional[bytes]:
+    """One reply to AUTH, SELECT or GET: bytes, or None for a missing key."""
+    line = replies.readline(_MAX_TARGET_BYTES)
+    if not line.endswith(b"\r\n"):
+        raise _RedisError("connection closed, or a reply line too long")
+    kind, body = line[:1], line[1:-2]
+    if kind == b"-":
+        raise _RedisError(body.decode("utf-8", "replace"))
+    if kind in (b"+", b":"):
+        return body
+    if kind == b"$" and _RESP_LENGTH.fullmatch(body):
+        length = int(body)
+        if length < 0:
+            return None
+        if length > _MAX_TARGET_BYTES:
+            raise _RedisError(f"value of {length} bytes is too large for a target")
+        data = replies.read(length + 2)
+        if len(data) != length + 2 or not data.endswith(b"\r\n"):
+            raise _RedisError("truncated reply")
+        return data[:-2]
+    raise _RedisError(f"unexpected reply {_brief(line)}")
+
+
+class TokenRedis(BaseTokenPlugin):
+    """Tokens as keys in Redis; source ``host[:port[:db[:password[:namespace]]]]``.
+
+    Empty fields take their defaults (port 6379, db 0, no password, no
+    namespace); a field in double quotes may contain ':'; a password
+    ``@/path`` is read from that file. With a namespace the key is
+    ``namespace:token``. The value is ``{"host": "h:p"}`` or plain ``h:p``.
+    Each lookup opens its own connection, so workers share nothing."""
+
+    def __init__(self, src: Optional[str]) -> None:
+        super().__init__(src)
+        text = _source_text(src, "--token-source", "host[:port[:db[:password[:namespace]]]]")
+        try:
+            fields = _split_source_fields(text)
+        except ValueError as exc:
+            raise ConfigError(f"--token-source: {exc}") from None
+        if len(fields) > 5:
+            raise ConfigError("--token-source is not host[:port[:db[:password[:namespace]]]]")
+        host, port, db, password, namespace = fields + [""] * (5 - len(fields))
+        if not host:
+            raise ConfigError("--token-source: the Redis host is empty")
+        if port and not (_PORT_DIGITS.fullmatch(port) and 0 < int(port) < 65536):
+            raise ConfigError(f"--token-source: Redis port {port!r} is not a port number")
+        if db and not _DECIMAL.fullmatch(db):
+            raise ConfigError(f"--token-source: Redis db {db!r} is not a number")
+        if password.startswith("@"):
+            try:
+                with open(os.path.expanduser(password[1:]), encoding="utf-8") as secret:
+                    password = secret.read().rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"--token-source: Redis password file: {_describe(exc)}"
+                ) from None
+        self._address = (host, int(port) if port else 6379)
+        self._db = int(db) if db else 0
+        self._password = password or None
+        self._key_prefix = namespace + ":" if namespace else ""
+
+    def _get(self, key: str) -> Optional[bytes]:
+        commands = []
+        if self._password is not None:
+            commands.append(_resp_command("AUTH", self._password))
+        if self._db:
+            commands.append(_resp_command("SELECT", str(self._db)))
+        commands.append(_resp_command("GET", key))
+        # The timeout bounds the connect and every read and write.
+        with socket.create_connection(self._address, timeout=_TOKEN_SERVICE_TIMEOUT) as sock:
+            sock.sendall(b"".join(commands))  # pipelined: one round trip
+            with sock.makefile("rb") as replies:
+                for _ in commands:
+                    value = _read_resp_reply(replies)  # raises on AUTH or SELECT errors
+        return value
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        value = self._get(self._key_prefix + token)
+        if value is None:
+            return None
+        try:
+            text = value.decode("utf-8").strip()
+            target = (
+                _target_from_json(_loads_json(text))
+                if text.startswith("{")
+                else _parse_target(text)
+            )
+        except ValueError as exc:
+            raise _invalid_target("TokenRedis", exc) from None
+        return _as_pair(target)
+
+
+_JWT_HMAC_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+# Upstream's list; "none" and HMAC never apply to a PEM key (no algorithm confusion).
+_JWS_PUBLIC_KEY_ALGS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+)  # fmt: skip
+# jwcrypto's defaults less PBES2 (password-based, not key-based); never RSA1_5.
+_JWE_ALGS = (
+    "RSA-OAEP", "RSA-OAEP-256", "ECDH-ES", "ECDH-ES+A128KW", "ECDH-ES+A192KW", "ECDH-ES+A256KW",
+    "A128KW", "A192KW", "A256KW", "A128GCMKW", "A192GCMKW", "A256GCMKW", "dir",
+    "A128CBC-HS256", "A192CBC-HS384", "A256CBC-HS512", "A128GCM", "A192GCM", "A256GCM",
+)  # fmt: skip
+
+
+def _import_jwcrypto(module: str) -> Optional[types.ModuleType]:
+    """jwcrypto's *module* if that optional package is installed, else None."""
+    try:
+        return importlib.import_module("jwcrypto." + module)
+    except ImportError:
+        return None
+
+
+class JWTTokenApi(BaseTokenPlugin):
+    """The token is a JWT whose claims ``host`` and ``port`` name the target.
+
+    Source: a key file. A PEM key (RSA or EC) needs the optional ``jwcrypto``
+    package. Anything else is an HMAC secret written, as upstream reads it,
+    in base64url (a JWK ``k`` value). HS256/384/512 tokens are checked with
+    the standard library; encrypted (JWE) tokens, whose payload must be a
+    signed token, need jwcrypto. ``nbf`` and ``exp`` are honoured. Invalid,
+    expired or not yet valid tokens are refused with 403."""
+
+    def __init__(self, src: Optional[str]) -> None:
+        super().__init__(src)
+        path = _source_text(src, "--token-source", "a PEM key or a base64url HMAC secret")
+        try:
+            with open(path, "rb") as key_file:
+                key_data = key_file.read()
+        except OSError as exc:
+            raise ConfigError(f"--token-source: key file: {_describe(exc)}") from None
+        self._hmac_key: Optional[bytes] = None
+        self._jwk: Any = None  # jwcrypto's key, when jwcrypto is installed
+        jwk = _import_jwcrypto("jwk")
+        if key_data.lstrip().startswith(b"-----BEGIN"):
+            if jwk is None:
+                raise ConfigError(
+                    f"{path} is a PEM key, which needs jwcrypto (pip install jwcrypto)"
+                )
+            try:
+                self._jwk = jwk.JWK.from_pem(key_data)
+            except Exception as exc:  # jwcrypto and cryptography raise many types
+                raise ConfigError(f"{path}: unusable PEM key: {_describe(exc)}") from None
+            return
+        try:
+            secret = key_data.decode("ascii").strip().rstrip("=")
+            self._hmac_key = _b64url_decode(secret)
+        except ValueError:
+            raise ConfigError(f"{path}: an HMAC secret must be written in base64url") from None
+        if not self._hmac_key:
+            raise ConfigError(f"{path}: the HMAC secret is empty")
+        if jwk is not None:  # only for encrypted tokens: HMAC signatures need no jwcrypto
+            try:
+                self._jwk = jwk.JWK(kty="oct", k=secret)
+            except Exception as exc:  # jwcrypto raises many types
+                _log.warning("JWTTokenApi: jwcrypto refuses the key: %s", _describe(exc))
+
+    def _decrypt(self, token: str) -> str:
+        jwe = _import_jwcrypto("jwe")
+        if self._jwk is None or jwe is None:
+            raise ValueError("encrypted (JWE) tokens need jwcrypto, which is not installed")
+        envelope = jwe.JWE()
+        envelope.allowed_algs = list(_JWE_ALGS)
+        try:
+            envelope.deserialize(token, key=self._jwk)
+            return str(envelope.payload.decode("ascii"))
+        except Exception as exc:  # jwcrypto raises many types for bad input
+            raise ValueError(f"cannot decrypt: {_describe(exc)}") from None
+
+    def _verified_payload(self, token: str) -> bytes:
+        """The payload of a compact JWS whose signature checks; raises ValueError."""
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise ValueError("not a compact JWS")
+        header = _loads_json(_b64url_decode(parts[0]).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        if "crit" in header:  # RFC 7515 section 4.1.11: unknown extensions must fail
+            raise ValueError("critical header extensions are not supported")
+        alg = header.get("alg")
+        if self._hmac_key is not None:
+            hash_function = _JWT_HMAC_HASHES.get(str(alg))
+            if hash_function is None:
+                raise ValueError(f"algorithm {_brief(alg)} is not allowed with an HMAC key")
+            signed = f"{parts[0]}.{parts[1]}".encode("ascii")
+            expected = hmac.new(self._hmac_key, signed, hash_function).digest()
+            if not hmac.compare_digest(_b64url_decode(parts[2]), expected):
+                raise ValueError("bad signature")
+            return _b64url_decode(parts[1])
+        if alg not in _JWS_PUBLIC_KEY_ALGS:
+            raise ValueError(f"algorithm {_brief(alg)} is not allowed with a PEM key")
+        jws = _import_jwcrypto("jws")
+        assert jws is not None  # a PEM key was only accepted with jwcrypto installed
+        signature = jws.JWS()
+        signature.allowed_algs = list(_JWS_PUBLIC_KEY_ALGS)
+        try:
+            signature.deserialize(token)
+            signature.verify(self._jwk, alg=alg)
+            return bytes(signature.payload)
+        except Exception as exc:  # jwcrypto raises many types for bad input
+            raise ValueError(f"bad signature: {_describe(exc)}") from None
+
+    def _claims(self, token: str) -> Dict[str, Any]:
+        """The claims of a token that decrypts and verifies; raises ValueError."""
+        if token.count(".") == 4:  # compact JWE: five parts
+            token = self._decrypt(token)
+        claims = _loads_json(self._verified_payload(token).decode("utf-8"))
+        if not isinstance(claims, dict):
+            raise ValueError("the claims are not a JSON object")
+        for claim in ("nbf", "exp"):
+            value = claims.get(claim, 0)
+            # NaN passes every comparison, so only finite numbers count.
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"claim {claim!r} is not a number")
+            if not math.isfinite(value):
+                raise ValueError(f"claim {claim!r} is not finite")
+        return claims
+
+    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        try:
+            claims = self._claims(token)
+        except ValueError as exc:
+            raise _TokenRefused(403, "Invalid token", f"JWTTokenApi: {exc}") from None
+        now = time.time()
+        if now < claims.get("nbf", now):
+            raise _TokenRefused(403, "Token not yet valid", "JWTTokenApi: token not yet valid")
+        if now >= claims.get("exp", math.inf):  # RFC 7519 section 4.1.4: "on or after"
+            raise _TokenRefused(403, "Token expired", "JWTTokenApi: token expired")
+        try:
+            return _as_pair(_target_from_result((claims.get("host"), claims.get("port"))))
+        except ValueError as exc:
+            raise _invalid_target("JWTTokenApi", exc) from None
 
 
 # --- what the session calls ---
