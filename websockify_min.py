@@ -56,9 +56,13 @@ __version__ = "0.1.0"
 __all__ = (
     "AuthPlugin",
     "AuthenticationError",
+    "BaseAuthPlugin",
     "BaseTokenAPI",
     "BaseTokenPlugin",
+    "BasicHTTPAuth",
+    "ClientCertCNAuth",
     "ConfigError",
+    "ExpectOrigin",
     "HandshakeError",
     "JSONTokenApi",
     "JWTTokenApi",
@@ -946,6 +950,133 @@ class JWTTokenApi(BaseTokenPlugin):
             return _as_pair(_target_from_result((claims.get("host"), claims.get("port"))))
         except ValueError as exc:
             raise _invalid_target("JWTTokenApi", exc) from None
+
+
+# --- auth plugins ---
+
+
+class BaseAuthPlugin:
+    """Base of auth plugins (upstream's ``websockify.auth_plugins.BasePlugin``)."""
+
+    def __init__(self, src: Optional[str] = None) -> None:
+        self.source = src
+
+    def authenticate(
+        self,
+        headers: http.client.HTTPMessage,
+        target_host: Optional[str],
+        target_port: Union[int, str, None],
+    ) -> None:
+        """Return to let the client in; raise AuthenticationError to refuse it."""
+
+
+class _InvalidOriginError(AuthenticationError):
+    """Upstream's ``InvalidOriginError``, for plugins that catch or raise it."""
+
+    def __init__(self, expected: Sequence[str], actual: Optional[str]) -> None:
+        self.expected_origin = expected
+        self.actual_origin = actual
+        super().__init__(
+            log_msg=f"origin {_brief(actual)} is not one of {' '.join(expected)}",
+            response_msg="Invalid Origin",
+        )
+
+
+_BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="Websockify"'}
+
+
+class BasicHTTPAuth(BaseAuthPlugin):
+    """HTTP Basic authentication against one ``user:password`` (the source).
+
+    No credentials or wrong ones: 401 with a Basic challenge. A malformed
+    Authorization header (another scheme, bad base64, no colon): 403."""
+
+    def __init__(self, src: Optional[str] = None) -> None:
+        super().__init__(src)
+        credentials = _source_text(src, "--auth-source", "user:password")
+        if ":" not in credentials:
+            raise ConfigError("--auth-source must be user:password")
+        # Browsers send UTF-8 now, older clients Latin-1: accept either spelling.
+        self._accepted = [credentials.encode("utf-8")]
+        try:
+            self._accepted.append(credentials.encode("latin-1"))
+        except UnicodeEncodeError:
+            pass
+
+    def authenticate(
+        self,
+        headers: http.client.HTTPMessage,
+        target_host: Optional[str],
+        target_port: Union[int, str, None],
+    ) -> None:
+        header = headers.get("Authorization")
+        if header is None:
+            raise AuthenticationError(
+                log_msg="no credentials", response_code=401, response_headers=_BASIC_CHALLENGE
+            )
+        try:
+            user, password = _parse_basic_credentials(str(header))
+        except ValueError as exc:
+            raise AuthenticationError(log_msg=f"malformed Authorization header: {exc}") from None
+        given = user + b":" + password
+        matches = [hmac.compare_digest(given, accepted) for accepted in self._accepted]
+        if not any(matches):  # every comparison made: the time says nothing about which
+            raise AuthenticationError(
+                log_msg=f"wrong credentials for user {_brief(user.decode('utf-8', 'replace'))}",
+                response_code=401,
+                response_headers=_BASIC_CHALLENGE,
+            )
+
+
+def _source_words(src: Optional[str], what: str) -> List[str]:
+    words = _source_text(src, "--auth-source", what).split()
+    if not words:
+        raise ConfigError(f"--auth-source is empty: it needs {what}")
+    return words
+
+
+class ExpectOrigin(BaseAuthPlugin):
+    """Allow only clients whose Origin header is one of the space-separated source.
+
+    Compared without regard to case, as scheme and host are; otherwise 403."""
+
+    def __init__(self, src: Optional[str] = None) -> None:
+        super().__init__(src)
+        self._allowed = _source_words(src, "space-separated allowed origins")
+        self._allowed_lowercase = frozenset(origin.lower() for origin in self._allowed)
+
+    def authenticate(
+        self,
+        headers: http.client.HTTPMessage,
+        target_host: Optional[str],
+        target_port: Union[int, str, None],
+    ) -> None:
+        origin = headers.get("Origin")
+        if origin is None or origin.strip().lower() not in self._allowed_lowercase:
+            raise _InvalidOriginError(self._allowed, origin)
+
+
+class ClientCertCNAuth(BaseAuthPlugin):
+    """Allow only TLS clients whose certificate CN is one of the space-separated source.
+
+    The proxy passes the verified CN as the ``SSL_CLIENT_S_DN_CN`` header
+    (after removing any ``SSL_*`` header the client sent); otherwise 403."""
+
+    def __init__(self, src: Optional[str] = None) -> None:
+        super().__init__(src)
+        self._allowed = frozenset(_source_words(src, "space-separated allowed common names"))
+
+    def authenticate(
+        self,
+        headers: http.client.HTTPMessage,
+        target_host: Optional[str],
+        target_port: Union[int, str, None],
+    ) -> None:
+        common_name = headers.get("SSL_CLIENT_S_DN_CN")
+        if common_name not in self._allowed:
+            raise AuthenticationError(
+                log_msg=f"client certificate CN {_brief(common_name)} is not allowed"
+            )
 
 
 # --- what the session calls ---
