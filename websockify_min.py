@@ -40,6 +40,7 @@ from typing import (
     TYPE_CHECKING,
     Any,
     BinaryIO,
+    Callable,
     Dict,
     List,
     Mapping,
@@ -49,6 +50,8 @@ from typing import (
     Set,
     Tuple,
     Union,
+    cast,
+    overload,
 )
 
 __version__ = "0.1.0"
@@ -76,6 +79,7 @@ __all__ = (
     "TokenRedis",
     "UnixDomainSocketDirectory",
     "check_auth",
+    "load_plugin",
     "lookup_target",
     "main",
     "token_from_request",
@@ -166,7 +170,7 @@ _MAX_TARGET_BYTES = 64 * 1024
 _UNIX_SOCKET_HOST = "unix_socket"
 
 if TYPE_CHECKING:
-    from typing import Protocol
+    from typing import Literal, Protocol
 
     class TokenPlugin(Protocol):
         """What ``--token-plugin`` loads: ``lookup`` returns (host, port) or None."""
@@ -1198,6 +1202,141 @@ def check_auth(
             exc_info=_log.isEnabledFor(logging.DEBUG),
         )
         raise HandshakeError(500, "Authentication failed") from None
+
+
+# --- loading ---
+
+_TOKEN_PLUGINS: Dict[str, Callable[[Optional[str]], object]] = {
+    "BasePlugin": BaseTokenPlugin,
+    "BaseTokenAPI": BaseTokenAPI,
+    "JSONTokenApi": JSONTokenApi,
+    "JWTTokenApi": JWTTokenApi,
+    "ReadOnlyTokenFile": ReadOnlyTokenFile,
+    "TokenFile": TokenFile,
+    "TokenFileName": TokenFileName,
+    "TokenJSONFile": TokenJSONFile,
+    "TokenRedis": TokenRedis,
+    "UnixDomainSocketDirectory": UnixDomainSocketDirectory,
+}
+_AUTH_PLUGINS: Dict[str, Callable[[Optional[str]], object]] = {
+    "BasePlugin": BaseAuthPlugin,
+    "BasicHTTPAuth": BasicHTTPAuth,
+    "ClientCertCNAuth": ClientCertCNAuth,
+    "ExpectOrigin": ExpectOrigin,
+}
+
+
+class _PluginKind(NamedTuple):
+    flag: str
+    method: str
+    builtins: Dict[str, Callable[[Optional[str]], object]]
+    upstream_module: str
+
+
+_PLUGIN_KINDS = {
+    "token": _PluginKind("--token-plugin", "lookup", _TOKEN_PLUGINS, "websockify.token_plugins"),
+    "auth": _PluginKind("--auth-plugin", "authenticate", _AUTH_PLUGINS, "websockify.auth_plugins"),
+}
+_DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _install_import_aliases() -> None:
+    """Let a user's plugin import what plugins written for upstream import.
+
+    When the real websockify package is not installed, ``websockify``,
+    ``websockify.token_plugins`` and ``websockify.auth_plugins`` become
+    aliases of our classes (BasePlugin, the built-ins, AuthenticationError),
+    so ``from websockify.token_plugins import BasePlugin`` works. They stay
+    registered: plugins may import them again later, lazily. And when this
+    file runs as a script, ``import websockify_min`` gets this module rather
+    than a second copy with classes of its own."""
+    if __name__ != "websockify_min":
+        sys.modules.setdefault("websockify_min", sys.modules[__name__])
+    if "websockify" in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec("websockify") is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    package = types.ModuleType("websockify", "websockify_min's aliases for upstream's plugins")
+    package.__path__ = []  # a package: submodules come from sys.modules only
+    token_plugins = types.ModuleType("websockify.token_plugins")
+    vars(token_plugins).update(_TOKEN_PLUGINS)
+    auth_plugins = types.ModuleType("websockify.auth_plugins")
+    vars(auth_plugins).update(_AUTH_PLUGINS)
+    vars(auth_plugins).update(
+        AuthenticationError=AuthenticationError, InvalidOriginError=_InvalidOriginError
+    )
+    vars(package).update(token_plugins=token_plugins, auth_plugins=auth_plugins)
+    sys.modules.update(
+        {
+            "websockify": package,
+            "websockify.token_plugins": token_plugins,
+            "websockify.auth_plugins": auth_plugins,
+        }
+    )
+
+
+def _plugin_factory(kind: _PluginKind, name: str) -> Callable[[Optional[str]], object]:
+    """The class *name* means for *kind*; ConfigError naming the flag if none."""
+    if not _DOTTED_NAME.fullmatch(name):
+        raise ConfigError(f"{kind.flag}: {name!r} is not a class name or a dotted path to one")
+    module_name, _, class_name = name.rpartition(".")
+    if not module_name:
+        factory = kind.builtins.get(name)
+        if factory is not None:
+            return factory
+        for other in _PLUGIN_KINDS.values():
+            if name in other.builtins:
+                raise ConfigError(f"{kind.flag}: {name} is for {other.flag}")
+        known = ", ".join(sorted(kind.builtins))
+        raise ConfigError(f"{kind.flag}: unknown plugin {name!r} (built in: {known})")
+    for upstream in _PLUGIN_KINDS.values():
+        if module_name == upstream.upstream_module and class_name in upstream.builtins:
+            return upstream.builtins[class_name]
+    _install_import_aliases()
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:  # the module's own code may fail in any way
+        raise ConfigError(
+            f"{kind.flag} {name}: cannot import {module_name}: {_describe(exc)}"
+        ) from None
+    factory = getattr(module, class_name, None)
+    if not callable(factory):
+        raise ConfigError(f"{kind.flag} {name}: {module_name} has no class {class_name}")
+    return cast(Callable[[Optional[str]], object], factory)
+
+
+@overload
+def load_plugin(kind: "Literal['token']", name: str, source: Optional[str]) -> "TokenPlugin": ...
+@overload
+def load_plugin(kind: "Literal['auth']", name: str, source: Optional[str]) -> "AuthPlugin": ...
+@overload
+def load_plugin(kind: str, name: str, source: Optional[str]) -> object: ...
+def load_plugin(kind: str, name: str, source: Optional[str]) -> Any:
+    """Load and construct the ``"token"`` or ``"auth"`` plugin *name* with *source*.
+
+    *name* is a built-in's short name (``TokenFile``), upstream's dotted
+    name for it (``websockify.token_plugins.TokenFile``), or any other
+    ``package.module.Class``, imported (see _install_import_aliases). Any
+    failure (unknown name, import error, constructor error, no ``lookup``
+    or ``authenticate`` method) raises ConfigError with one line that names
+    the flag. ValueError only for a *kind* that is neither."""
+    try:
+        plugin_kind = _PLUGIN_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"plugin kind must be 'token' or 'auth', not {kind!r}") from None
+    factory = _plugin_factory(plugin_kind, name)
+    try:
+        plugin = factory(source)
+    except ConfigError as exc:
+        raise ConfigError(f"{plugin_kind.flag} {name}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # upstream's TokenRedis calls sys.exit()
+        raise ConfigError(f"{plugin_kind.flag} {name}: {_describe(exc)}") from None
+    if not callable(getattr(plugin, plugin_kind.method, None)):
+        raise ConfigError(f"{plugin_kind.flag} {name}: has no {plugin_kind.method}() method")
+    return plugin
 
 
 # === 7. Static files ===
