@@ -553,10 +553,12 @@ class TokenFileName(BaseTokenPlugin):
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        with open(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, FIFO, device...
                 return None
-            data = file.read(_MAX_TARGET_BYTES + 1)
+            data = os.read(fd, _MAX_TARGET_BYTES + 1)  # a regular file: all of it, up to n
+        finally:
+            os.close(fd)
         if len(data) > _MAX_TARGET_BYTES:
             raise _invalid_target("TokenFileName", f"{path} is too large")
         try:
