@@ -237,7 +237,6 @@ def _loads_json(text: str) -> Any:
 
 # --- targets ---
 
-_DECIMAL = re.compile(r"[0-9]+")  # str.isdigit() also takes digits int() refuses
 _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 # Whitespace, controls, brackets and slashes never occur in a host name or an
 # address, and a host containing them would be a parsing accident.
@@ -526,17 +525,19 @@ class ReadOnlyTokenFile(BaseTokenPlugin):
         for message in new:
             _log.warning("%s: skipped %s", type(self).__name__, message)
 
+    def _current_targets(self) -> Dict[str, Target]:
+        return self._targets
+
     def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
-        target = self._targets.get(token)
+        target = self._current_targets().get(token)
         return None if target is None else _as_pair(target)
 
 
 class TokenFile(ReadOnlyTokenFile):
     """Like ReadOnlyTokenFile, but re-read on every lookup, so edits apply at once."""
 
-    def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
-        target = self._read_targets().get(token)
-        return None if target is None else _as_pair(target)
+    def _current_targets(self) -> Dict[str, Target]:
+        return self._read_targets()
 
 
 class TokenFileName(BaseTokenPlugin):
@@ -745,6 +746,9 @@ def _read_resp_reply(replies: BinaryIO) -> Optional[bytes]:
             raise _RedisError("truncated reply")
         return data[:-2]
     raise _RedisError(f"unexpected reply {_brief(line)}")
+
+
+_DECIMAL = re.compile(r"[0-9]+")  # str.isdigit() also takes digits that int() refuses
 
 
 class TokenRedis(BaseTokenPlugin):
