@@ -1307,6 +1307,37 @@ def test_user_subclass_of_a_builtin(clean_imports: Path) -> None:
     assert lookup_target(plugin, "vm1") == Target("h", 1)
 
 
+SCRIPT_MODE = r"""
+import sys
+path, plugins = sys.argv[1:]
+sys.path.insert(0, plugins)
+source = open(path).read().replace('if __name__ == "__main__":', "if False:")
+exec(compile(source, path, "exec"))  # as `python3 websockify_min.py` runs it, in __main__
+plugin = load_plugin("token", "refusing.Refusing", None)
+try:
+    lookup_target(plugin, "t")
+except HandshakeError as exc:  # the plugin's class is ours: no second copy of the module
+    print(exc.status, sys.modules["websockify_min"] is sys.modules["__main__"])
+"""
+
+
+def test_script_mode_plugins_import_this_module_not_a_copy(tmp_path: Path) -> None:
+    (tmp_path / "refusing.py").write_text(
+        "import websockify_min\n"
+        "class Refusing:\n"
+        "    def __init__(self, src): pass\n"
+        "    def lookup(self, token):\n"
+        "        raise websockify_min.HandshakeError(429, 'Later')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT_MODE, wm.__file__, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "429 True", done.stderr
+
+
 # --- the parsers of untrusted text: parse or raise ValueError, nothing else ---
 
 
