@@ -119,6 +119,14 @@ if sys.argv[4:] == ["ipv6"]:
     v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     result["v6"] = call_bind(v6.fileno(), sockaddr_in6("::", old))
     result["v6"]["name"] = list(v6.getsockname()[:2])
+# A raw socket has no port to move, even when the sockaddr names one (needs CAP_NET_RAW).
+try:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+except PermissionError:
+    result["raw"] = None
+else:
+    result["raw"] = call_bind(raw.fileno(), sockaddr_in("127.0.0.2", old))
+    result["raw"]["name"] = raw.getsockname()[0]
 with open(result_file, "w") as f:
     json.dump(result, f)
 """
@@ -177,9 +185,7 @@ def ports(count: int) -> List[int]:
     return chosen
 
 
-def preload_env(
-    so: Path, old: Optional[str], new: Optional[str], extra: Optional[Dict[str, str]] = None
-) -> Dict[str, str]:
+def preload_env(so: Path, old: Optional[str], new: Optional[str]) -> Dict[str, str]:
     """The environment wrap mode gives a program; None leaves a variable out."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REBIND_")}
     env["LD_PRELOAD"] = str(so)
@@ -187,7 +193,6 @@ def preload_env(
         env["REBIND_OLD_PORT"] = old
     if new is not None:
         env["REBIND_NEW_PORT"] = new
-    env.update(extra or {})
     return env
 
 
@@ -488,10 +493,8 @@ def test_missing_or_invalid_env_changes_nothing(
     assert bound("tcp", new) == set()
 
 
-def test_caller_sockaddr_and_errno_are_left_alone(
-    rebind_so: Path, spawn: Spawn, tmp_path: Path
-) -> None:
-    old, new = ports(2)
+def run_probe(rebind_so: Path, spawn: Spawn, tmp_path: Path, old: int, new: int) -> Any:
+    """Run PROBE under the library and return what it found."""
     script, result_file = tmp_path / "probe.py", tmp_path / "probe.json"
     script.write_text(PROBE)
     argv = [sys.executable, str(script), str(old), str(new), str(result_file)]
@@ -503,7 +506,14 @@ def test_caller_sockaddr_and_errno_are_left_alone(
     except subprocess.TimeoutExpired:
         pytest.fail(f"probe still running after {STARTUP_DEADLINE}s: {program.describe()}")
     assert status == 0, program.describe()
-    result = json.loads(result_file.read_text())
+    return json.loads(result_file.read_text())
+
+
+def test_caller_sockaddr_and_errno_are_left_alone(
+    rebind_so: Path, spawn: Spawn, tmp_path: Path
+) -> None:
+    old, new = ports(2)
+    result = run_probe(rebind_so, spawn, tmp_path, old, new)
     sentinel = result["sentinel"]
 
     # Moved: the caller's buffer is untouched and a successful bind() leaves errno as it was.
@@ -520,3 +530,12 @@ def test_caller_sockaddr_and_errno_are_left_alone(
     assert result["unix"] == {"rc": 0, "errno": sentinel, "unchanged": True, "exists": True}
     if HAVE_IPV6:
         assert result["v6"] == {"rc": 0, "errno": sentinel, "unchanged": True, "name": ["::1", new]}
+
+
+def test_raw_socket_is_not_moved(rebind_so: Path, spawn: Spawn, tmp_path: Path) -> None:
+    old, new = ports(2)
+    result = run_probe(rebind_so, spawn, tmp_path, old, new)
+    if result["raw"] is None:
+        pytest.skip("raw sockets need CAP_NET_RAW")
+    sentinel = result["sentinel"]
+    assert result["raw"] == {"rc": 0, "errno": sentinel, "unchanged": True, "name": "127.0.0.2"}
