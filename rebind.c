@@ -8,8 +8,9 @@
  *
  * so that the proxy can own P and relay to Q. Both values must be plain
  * decimal numbers from 1 to 65535 (digits only, nothing else). They are read
- * once, when the library is loaded; if either is missing or invalid the
- * library changes nothing at all.
+ * once, when the library is loaded (or at the first bind(), should another
+ * library's constructor bind earlier); later changes to the environment have
+ * no effect. If either is missing or invalid, nothing is changed at all.
  *
  * bind() of a stream or datagram socket (TCP, UDP) to port P is replaced by:
  *
