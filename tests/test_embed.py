@@ -1,0 +1,46 @@
+"""The embedding API: a proxy running in a thread of the test process itself."""
+
+import threading
+
+import pytest
+from conftest import DEADLINE, TcpServer
+from websockets.sync.client import connect
+
+import websockify_min
+
+
+def test_start_address_and_stop_in_a_thread(echo_server: TcpServer) -> None:
+    options = websockify_min.parse_args(["127.0.0.1:0", echo_server.target])
+    server = websockify_min.Server(options)
+    server.start()
+    try:
+        host, port = server.address[:2]
+        assert host == "127.0.0.1" and port > 0
+        with connect(f"ws://127.0.0.1:{port}/") as ws:
+            ws.send(b"embedded")
+            assert ws.recv(DEADLINE) == b"embedded"
+            assert server.session_count == 1
+    finally:
+        server.stop()
+    assert not any(thread.name == "websockify-min" for thread in threading.enumerate())
+
+
+def test_options_built_directly_and_derived(echo_server: TcpServer) -> None:
+    base = websockify_min.Options(
+        listen_host="127.0.0.1", target_host="127.0.0.1", target_port=echo_server.port
+    )
+    server = websockify_min.Server(base._replace(heartbeat=30.0))
+    server.start()
+    try:
+        with connect(f"ws://127.0.0.1:{server.address[1]}/") as ws:
+            ws.send("derived")
+            assert ws.recv(DEADLINE) == b"derived"
+    finally:
+        server.stop()
+
+
+def test_startup_problems_raise_config_error() -> None:
+    with pytest.raises(websockify_min.ConfigError, match="--token-plugin"):
+        websockify_min.Server(websockify_min.Options(listen_port=0, token_plugin="NoSuchPlugin"))
+    with pytest.raises(websockify_min.ConfigError, match="Too few arguments"):
+        websockify_min.parse_args(["6080"])
