@@ -594,3 +594,29 @@ def test_listen_port_in_use_is_a_startup_error(start_proxy: ProxyFactory) -> Non
         proxy = start_proxy(f"127.0.0.1:{port}", "127.0.0.1:1")
         assert proxy.wait_exit() == 2
         assert "cannot listen" in proxy.log()
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_sessions_leave_no_descriptors_behind(
+    start_proxy: ProxyFactory, echo_server: TcpServer
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy(listen, echo_server.target, listen=address)
+    with connect(ws_url(address)) as ws:  # the first session starts the worker-free path
+        ws.send(b"warm up")
+        assert ws.recv(DEADLINE) == b"warm up"
+    wait_until(lambda: "client closed the WebSocket" in proxy.log(), "the first session to end")
+    baseline = open_descriptors(proxy.pid)
+    clients = [RawClient.connect(address) for _ in range(50)]
+    assert open_descriptors(proxy.pid) >= baseline + 100  # a client and a target socket each
+    for number, client in enumerate(clients):
+        if number % 3 == 0:
+            client.send(0x8, struct.pack("!H", 1000))  # a clean close
+            assert client.recv_close()[0] == 1000
+        elif number % 3 == 1:
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # the rest just drop the connection
+    wait_until(lambda: open_descriptors(proxy.pid) == baseline, "every descriptor to be closed")
