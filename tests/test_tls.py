@@ -115,6 +115,7 @@ def test_ssl_only_refuses_plain_clients(
         assert ws.recv(DEADLINE) == b"tls still works"
 
 
+@pytest.mark.smoke
 def test_verify_client_accepts_good_certificates_only(
     start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
 ) -> None:
@@ -141,6 +142,7 @@ def test_verify_client_accepts_good_certificates_only(
     proxy.wait_log("TLS handshake failed")
 
 
+@pytest.mark.smoke
 def test_minimum_tls_version(start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki) -> None:
     listen, address = proxy_address()
     start_proxy(
