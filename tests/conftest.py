@@ -5,6 +5,7 @@ running the tests), so the same tests can run the proxy under any Python version
 """
 
 import base64
+import hashlib
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
+from websockets.sync.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_SCRIPT = ROOT / "websockify_min.py"
@@ -225,6 +227,28 @@ def tcp_server() -> Iterator[Callable[..., TcpServer]]:
     yield make
     for server in servers:
         server.close()
+
+
+def echo_checksummed(ws: ClientConnection, size: int, message_size: int) -> None:
+    """Send *size* random bytes through an echo target while reading them back; compare."""
+    data = os.urandom(size)
+    received = hashlib.sha256()
+
+    def read_all() -> None:
+        count = 0
+        while count < size:
+            chunk = ws.recv(DEADLINE)
+            assert isinstance(chunk, bytes)
+            received.update(chunk)
+            count += len(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    for offset in range(0, size, message_size):
+        ws.send(data[offset : offset + message_size])
+    reader.join(60)
+    assert not reader.is_alive(), "the echo did not come back in time"
+    assert received.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 # -- a raw WebSocket client, for what well-behaved libraries refuse to send -----------------

@@ -16,6 +16,7 @@ from conftest import (
     RawClient,
     TcpServer,
     client_frame,
+    echo_checksummed,
     free_port,
     wait_until,
 )
@@ -57,25 +58,8 @@ def test_ten_mebibytes_each_way_arrive_intact(
 ) -> None:
     listen, address = listen_args()
     start_proxy(listen, echo_server.target, listen=address)
-    data = os.urandom(10 * 1024 * 1024)
-    received = hashlib.sha256()
     with connect(ws_url(address), max_size=None) as ws:
-
-        def read_all() -> None:
-            count = 0
-            while count < len(data):
-                chunk = ws.recv(DEADLINE)
-                assert isinstance(chunk, bytes)
-                received.update(chunk)
-                count += len(chunk)
-
-        reader = threading.Thread(target=read_all)
-        reader.start()
-        for offset in range(0, len(data), 100_000):  # sizes that do not line up with reads
-            ws.send(data[offset : offset + 100_000])
-        reader.join(60)
-        assert not reader.is_alive()
-    assert received.hexdigest() == hashlib.sha256(data).hexdigest()
+        echo_checksummed(ws, 10 * 1024 * 1024, 100_000)  # sizes that do not line up with reads
 
 
 def test_two_hundred_concurrent_clients(start_proxy: ProxyFactory, echo_server: TcpServer) -> None:

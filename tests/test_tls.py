@@ -1,7 +1,5 @@
 """wss:// clients and TLS targets, with certificates made at test time."""
 
-import hashlib
-import os
 import socket
 import ssl
 import threading
@@ -11,7 +9,15 @@ from typing import Iterator, List, NamedTuple, Tuple
 
 import pytest
 import trustme
-from conftest import DEADLINE, ProxyFactory, RawClient, TcpServer, echo_handler, free_port
+from conftest import (
+    DEADLINE,
+    ProxyFactory,
+    RawClient,
+    TcpServer,
+    echo_checksummed,
+    echo_handler,
+    free_port,
+)
 from cryptography.hazmat.primitives import serialization
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect
@@ -75,26 +81,9 @@ def test_ten_mebibytes_each_way_over_wss(
 ) -> None:
     listen, address = proxy_address()
     start_proxy("--cert", str(pki.server_pem), listen, echo_server.target, listen=address)
-    data = os.urandom(10 * 1024 * 1024)
-    received = hashlib.sha256()
     url = f"wss://localhost:{address[1]}/"
     with connect(url, ssl=client_context(pki), max_size=None) as ws:
-
-        def read_all() -> None:
-            count = 0
-            while count < len(data):
-                chunk = ws.recv(DEADLINE)
-                assert isinstance(chunk, bytes)
-                received.update(chunk)
-                count += len(chunk)
-
-        reader = threading.Thread(target=read_all)
-        reader.start()
-        for offset in range(0, len(data), 65536):
-            ws.send(data[offset : offset + 65536])
-        reader.join(60)
-        assert not reader.is_alive()
-    assert received.hexdigest() == hashlib.sha256(data).hexdigest()
+        echo_checksummed(ws, 10 * 1024 * 1024, 65536)
 
 
 def test_ssl_only_refuses_plain_clients(
