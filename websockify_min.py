@@ -324,8 +324,11 @@ def check_upgrade(request: Request) -> Tuple[str, Optional[str]]:
         valid_key = False
     if not valid_key:
         raise HandshakeError(400, "Missing or invalid Sec-WebSocket-Key", version_header)
-    offered = header_tokens(request.headers, "Sec-WebSocket-Protocol")
-    return key, ("binary" if "binary" in offered else None)
+    # Subprotocol names are compared as sent: a client offering "Binary" must not get
+    # "binary" back, or it fails the connection (RFC 6455 section 4.1, step 6).
+    offered = request.headers.get_all("Sec-WebSocket-Protocol") or []
+    binary = any(token.strip() == "binary" for value in offered for token in value.split(","))
+    return key, ("binary" if binary else None)
 
 
 def accept_key(key: str) -> str:
