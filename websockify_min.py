@@ -307,6 +307,10 @@ def check_upgrade(request: Request) -> Tuple[str, Optional[str]]:
     None); raises HandshakeError with the status and reason to answer.
     """
     version_header = {"Sec-WebSocket-Version": "13"}
+    if not is_upgrade(request):
+        raise HandshakeError(
+            426, "Not a WebSocket upgrade", {"Upgrade": "websocket", **version_header}
+        )
     if request.method != "GET":
         raise HandshakeError(405, "WebSocket upgrade needs GET", {"Allow": "GET"})
     if request.version != "HTTP/1.1":
@@ -478,9 +482,9 @@ class FrameDecoder:
         try:
             self._decode(memoryview(data), events)
         except ProtocolError as exc:
+            self.error = exc  # the stream is broken: every later feed raises it again
             if not events:
                 raise
-            self.error = exc
         return events
 
     def check(self) -> None:
