@@ -307,14 +307,13 @@ def check_upgrade(request: Request) -> Tuple[str, Optional[str]]:
     None); raises HandshakeError with the status and reason to answer.
     """
     version_header = {"Sec-WebSocket-Version": "13"}
-    if not is_upgrade(request):
-        raise HandshakeError(
-            426, "Not a WebSocket upgrade", {"Upgrade": "websocket", **version_header}
-        )
     if request.method != "GET":
         raise HandshakeError(405, "WebSocket upgrade needs GET", {"Allow": "GET"})
     if request.version != "HTTP/1.1":
         raise HandshakeError(400, "WebSocket upgrade needs HTTP/1.1", version_header)
+    if not is_upgrade(request):
+        upgrade_headers = {"Upgrade": "websocket", **version_header}
+        raise HandshakeError(426, "Not a WebSocket upgrade", upgrade_headers)
     if "upgrade" not in header_tokens(request.headers, "Connection"):
         raise HandshakeError(400, "Missing 'Connection: Upgrade'", version_header)
     versions = request.headers.get_all("Sec-WebSocket-Version") or []
