@@ -20,11 +20,14 @@ import base64
 import codecs
 import collections
 import contextlib
+import datetime
+import email.utils
 import enum
 import errno
 import hashlib
 import heapq
 import hmac
+import html
 import http
 import http.client
 import importlib
@@ -33,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import queue
 import re
@@ -1789,6 +1793,271 @@ def load_plugin(kind: str, name: str, source: Optional[str]) -> Any:
 
 
 # === 7. Static files ===
+
+WEB_CHUNK = 256 * 1024  # bytes read from a --web file each time the client's queue has room
+WEB_BURST = 1024 * 1024  # bytes one download may send per loop turn, so others get theirs
+_INDEX_FILES = ("index.html", "index.htm")
+_WEB_ALLOW = {"Allow": "GET, HEAD"}
+# No file name holds a "/" or "\": escaped, they only serve to smuggle separators past a
+# check (Apache refuses them the same way).
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+# Types browsers insist on (a module script needs a JavaScript type), which old Pythons or
+# a host's mime.types may lack or spell otherwise.
+_WEB_TYPES = {
+    ".css": "text/css",
+    ".htm": "text/html",
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".json": "application/json",
+    ".mjs": "text/javascript",
+    ".svg": "image/svg+xml",
+    ".wasm": "application/wasm",
+}
+# A compressed file is sent as it is, so its type is the compression's (mimetypes would
+# name the type of the content inside, which the browser would then fail to read).
+_COMPRESSED_TYPES = {
+    "br": "application/x-brotli",
+    "bzip2": "application/x-bzip2",
+    "compress": "application/x-compress",
+    "gzip": "application/gzip",
+    "xz": "application/x-xz",
+}
+
+
+class WebPathError(HandshakeError):
+    """A URL path refused by resolve_web_path: it is malformed or could lead out of the
+    web root. The client gets *status* (404, or 400 for a target that is not a path);
+    *detail* says why, for the log."""
+
+    def __init__(self, detail: str, status: int = 404) -> None:
+        super().__init__(status, "Not Found" if status == 404 else "Bad request target")
+        self.detail = detail
+
+
+class WebResponse(NamedTuple):
+    """The answer to a GET or HEAD under --web: *head*, then *body*, then *length* bytes
+    of *file* (open, positioned at its start; the receiver closes it)."""
+
+    status: int
+    head: bytes
+    body: bytes = b""
+    file: Optional[BinaryIO] = None
+    length: int = 0
+
+
+def resolve_web_path(root: str, url_path: str) -> str:
+    """The real path, inside *root*, that *url_path* names.
+
+    *root* must be a real path (os.path.realpath); *url_path* is a request's path,
+    still percent-encoded. Raises WebPathError, and nothing else, for a path that is
+    not absolute, holds an escaped separator, a backslash, a NUL byte, a ".." segment
+    or an over-long name, cannot be decoded, or leads out of *root* (through a symlink).
+    Looks at the file system (symlinks) but does not check that the path exists."""
+    if not url_path.startswith("/"):
+        raise WebPathError("the request target is not a path", 400)
+    if _ENCODED_SEPARATOR.search(url_path):
+        raise WebPathError("an escaped / or \\")
+    try:
+        name = os.fsdecode(urllib.parse.unquote_to_bytes(url_path))
+    except UnicodeError:
+        raise WebPathError("the path cannot be decoded") from None
+    if "\x00" in name or "\\" in name:
+        raise WebPathError("a NUL byte or a backslash")
+    parts = [part for part in name.split("/") if part and part != "."]
+    for part in parts:
+        if not _is_plain_file_name(part):
+            raise WebPathError(f"{_brief(part)} is not a plain file name")
+    try:
+        path = os.path.realpath(os.path.join(root, *parts))
+        inside = os.path.commonpath([root, path]) == root
+    except (OSError, ValueError) as exc:
+        raise WebPathError(_describe(exc)) from None
+    if not inside:
+        raise WebPathError("it leads out of the web root")
+    return path
+
+
+def content_type(path: str) -> str:
+    """The Content-Type for the file at *path*, from its name."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in _WEB_TYPES:
+        return _WEB_TYPES[suffix]
+    guessed, encoding = mimetypes.guess_type(path, strict=False)
+    if encoding is not None:
+        return _COMPRESSED_TYPES.get(encoding, "application/octet-stream")
+    return guessed or "application/octet-stream"
+
+
+def http_date(timestamp: float) -> str:
+    """*timestamp* (seconds since the epoch) as an HTTP date (RFC 9110 5.6.7)."""
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def is_not_modified(headers: http.client.HTTPMessage, mtime: float, now: float) -> bool:
+    """True when If-Modified-Since says the client's copy of a file changed at *mtime*
+    is current. Ignored, as RFC 9110 13.1.3 asks, with If-None-Match, when the date is
+    not valid, or when it is in the future."""
+    value = headers.get("If-Modified-Since")
+    if value is None or headers.get("If-None-Match") is not None:
+        return False
+    try:
+        since = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=datetime.timezone.utc)
+    try:
+        seconds = since.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return False
+    return int(mtime) <= seconds <= now
+
+
+def wants_keep_alive(request: Request) -> bool:
+    """Whether the connection stays open after the response (RFC 9112 9.3)."""
+    tokens = header_tokens(request.headers, "Connection")
+    if request.version == "HTTP/1.0":
+        return "keep-alive" in tokens
+    return "close" not in tokens
+
+
+def check_web_request(request: Request) -> None:
+    """Raise HandshakeError unless *request* is a GET or HEAD without a body."""
+    if request.method not in ("GET", "HEAD"):
+        raise HandshakeError(405, "Only GET and HEAD are served", _WEB_ALLOW)
+    lengths = request.headers.get_all("Content-Length") or []
+    if request.headers.get("Transfer-Encoding") is not None or any(
+        value.strip() != "0" for value in lengths
+    ):
+        raise HandshakeError(400, "A GET or HEAD request has no body")
+
+
+def _connection_field(keep_alive: bool) -> Tuple[str, str]:
+    return ("Connection", "keep-alive" if keep_alive else "close")
+
+
+def web_message(
+    status: int,
+    text: str,
+    keep_alive: bool,
+    head_only: bool = False,
+    headers: Sequence[Tuple[str, str]] = (),
+    content_type: str = "text/plain; charset=utf-8",
+) -> WebResponse:
+    """A response with a small body (*text*, or an HTML page), sent whole."""
+    body = text.encode("utf-8", "replace")
+    fields = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Date", http_date(time.time())),
+        _connection_field(keep_alive),
+        *headers,
+    ]
+    return WebResponse(status, response_head(status, fields), b"" if head_only else body)
+
+
+def file_head(
+    status: int, length: int, mtime: float, kind: str, keep_alive: bool, now: float
+) -> bytes:
+    """The head of a response that sends a file (200) or says the client has it (304)."""
+    fields = [("Date", http_date(now)), ("Last-Modified", http_date(int(mtime)))]
+    if status != 304:  # a 304 has no body, so it says nothing about one
+        fields[:0] = [("Content-Type", kind), ("Content-Length", str(length))]
+    fields.append(_connection_field(keep_alive))
+    return response_head(status, fields)
+
+
+def listing_page(url_path: str, entries: Sequence[Tuple[str, bool]]) -> str:
+    """An HTML page listing *entries* ((name, is_directory) pairs) of the directory at
+    *url_path* (still percent-encoded). Every name is escaped: a file named
+    ``<script>`` shows as text and links to itself."""
+    shown = html.escape(urllib.parse.unquote(url_path, errors="replace"), quote=False)
+    items = []
+    for name, is_dir in sorted(entries, key=lambda entry: entry[0].lower()):
+        slash = "/" if is_dir else ""
+        href = urllib.parse.quote(os.fsencode(name)) + slash
+        label = html.escape(name.encode("utf-8", "replace").decode("utf-8"), quote=False)
+        items.append(f'<li><a href="{html.escape(href)}">{label}{slash}</a></li>')
+    return (
+        "<!DOCTYPE html>\n<html>\n<head>\n"
+        '<meta charset="utf-8">\n'
+        f"<title>Directory listing for {shown}</title>\n</head>\n<body>\n"
+        f"<h1>Directory listing for {shown}</h1>\n<hr>\n<ul>\n"
+        + "".join(item + "\n" for item in items)
+        + "</ul>\n<hr>\n</body>\n</html>\n"
+    )
+
+
+def _list_directory(path: str) -> List[Tuple[str, bool]]:
+    entries = []
+    with os.scandir(path) as scan:
+        for entry in scan:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            entries.append((entry.name, is_dir))
+    return entries
+
+
+def serve_static(root: str, request: Request, file_only: bool, keep_alive: bool) -> WebResponse:
+    """Answer a GET or HEAD for *request*'s path under *root* (a real path).
+
+    Blocking (it stats, opens and lists files): call it from a worker thread. Raises
+    WebPathError for a refused path; a missing or unreadable file, and a directory
+    without an index file when *file_only*, get a 404 or 403 response."""
+    head_only = request.method == "HEAD"
+    url_path = request.path
+    path = resolve_web_path(root, url_path)
+    try:
+        info = os.stat(path)
+    except OSError:
+        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+    if stat.S_ISDIR(info.st_mode):
+        if not url_path.endswith("/"):
+            # One leading slash: "//host/dir/" would send a browser to another server.
+            location = "/" + url_path.lstrip("/") + "/"
+            if request.query:
+                location += "?" + request.query
+            moved = f"Moved to {location}\n"
+            return web_message(301, moved, keep_alive, head_only, [("Location", location)])
+        for index in _INDEX_FILES:
+            candidate = resolve_web_path(root, url_path + index)
+            if os.path.isfile(candidate):
+                path, info = candidate, os.stat(candidate)
+                break
+        else:
+            if file_only:
+                return web_message(404, "404 Not Found\n", keep_alive, head_only)
+            try:
+                entries = _list_directory(path)
+            except OSError:
+                return web_message(403, "403 Forbidden\n", keep_alive, head_only)
+            page = listing_page(url_path, entries)
+            return web_message(200, page, keep_alive, head_only, (), "text/html; charset=utf-8")
+    elif url_path.endswith("/"):  # "file/" names no file
+        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+    if not stat.S_ISREG(info.st_mode):  # FIFOs, devices and sockets are not files to send
+        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+    now = time.time()
+    if is_not_modified(request.headers, info.st_mtime, now):
+        return WebResponse(304, file_head(304, 0, info.st_mtime, "", keep_alive, now))
+    kind = content_type(path)
+    if head_only or not info.st_size:
+        return WebResponse(200, file_head(200, info.st_size, info.st_mtime, kind, keep_alive, now))
+    try:
+        file = open(path, "rb", buffering=0)  # noqa: SIM115 - the session closes it
+    except PermissionError:
+        return web_message(403, "403 Forbidden\n", keep_alive, head_only)
+    except OSError:
+        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+    opened = os.fstat(file.fileno())
+    if not stat.S_ISREG(opened.st_mode):  # replaced since the stat above
+        file.close()
+        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+    head = file_head(200, opened.st_size, opened.st_mtime, kind, keep_alive, now)
+    return WebResponse(200, head, b"", cast(BinaryIO, file), opened.st_size)
+
 
 # === 8. Loop ===
 
