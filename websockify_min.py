@@ -22,6 +22,7 @@ import collections
 import contextlib
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -64,6 +65,7 @@ from typing import (
     Optional,
     Sequence,
     Set,
+    TextIO,
     Tuple,
     Union,
     cast,
@@ -127,6 +129,9 @@ HIGH_WATER = 256 * 1024  # queued bytes above which the other side stops being r
 LOW_WATER = 64 * 1024  # queued bytes below which it is read again
 MISSED_PONGS = 3  # with --heartbeat, a client silent for this many pings is dropped
 WORKER_THREADS = 8  # blocking calls (DNS, plugins) run in this many threads at most
+RECORD_BUFFER = 64 * 1024  # --record: payload bytes gathered before a write leaves the loop
+RECORD_HIGH_WATER = 4 * 1024 * 1024  # --record: bytes not yet on disk above which a relay pauses
+RECORD_CLOSE_TIMEOUT = 30.0  # seconds an exiting proxy waits for record files to be written
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY))
@@ -2361,6 +2366,125 @@ def _strip_spoofed_headers(headers: http.client.HTTPMessage) -> None:
             del headers[name]
 
 
+_RecordEntry = Tuple[str, int, bytes]  # direction mark, ms since the relay started, payload
+
+
+def _record_line(mark: str, ms: int, payload: bytes) -> str:
+    """One element of a record file: ``'{ms{payload',`` (to the client) or ``'}ms}...``.
+
+    The payload is written as upstream writes it: its bytes as latin-1 text through
+    Python's unicode_escape, with quotes escaped, so a JavaScript parser reads back one
+    character per byte.
+    """
+    text = payload.decode("latin-1").encode("unicode_escape").decode("ascii")
+    return "'" + mark + str(ms) + mark + text.replace("'", "\\'") + "',\n"
+
+
+class _Recorder:
+    """A session's --record file, a JavaScript array noVNC's playback reads.
+
+    The loop only appends payload copies to a list; every RECORD_BUFFER bytes the list
+    goes to the record writer thread, which escapes and writes it in order. If the disk
+    falls RECORD_HIGH_WATER behind, ``congested`` tells the session to pause its relay.
+    """
+
+    def __init__(self, path: str, writer: "_RecordWriter", on_drain: Callable[[], None]) -> None:
+        self.path = path
+        self._writer = writer
+        self._on_drain = on_drain
+        self._start = time.monotonic()
+        self._entries: List[_RecordEntry] = []
+        self._size = 0  # payload bytes in _entries
+        self.backlog = 0  # payload bytes handed to the writer and not yet written
+        self.closed = False
+        self._file: Optional[TextIO] = None  # used by the writer thread only
+        self._failed = False
+
+    @property
+    def congested(self) -> bool:
+        return self.backlog > RECORD_HIGH_WATER
+
+    def add(self, mark: str, data: Buffer) -> None:
+        """Record *data*: mark "{" went to the client, "}" came from it (loop thread)."""
+        ms = int((time.monotonic() - self._start) * 1000)
+        self._entries.append((mark, ms, bytes(data)))
+        self._size += len(data)
+        if self._size >= RECORD_BUFFER:
+            self._hand_over(False)
+
+    def close(self) -> None:
+        """End the array, so the file is valid JavaScript, and close it."""
+        if not self.closed:
+            self.closed = True
+            self._hand_over(True)
+
+    def _hand_over(self, last: bool) -> None:
+        entries, self._entries = self._entries, []
+        self.backlog += self._size
+        self._size = 0
+        self._writer.submit(self, entries, last)
+
+    def written(self, size: int) -> None:
+        """The writer has written *size* more bytes (loop thread)."""
+        self.backlog -= size
+        if self.backlog <= RECORD_HIGH_WATER // 2 and not self.closed:
+            self._on_drain()
+
+    def write(self, entries: List[_RecordEntry], last: bool) -> int:
+        """Write *entries* (writer thread); return their payload size."""
+        size = sum(len(entry[2]) for entry in entries)
+        if self._failed:
+            return size
+        try:
+            if self._file is None:
+                self._file = open(self.path, "w", encoding="ascii")  # noqa: SIM115
+                self._file.write("var VNC_frame_data = [\n")
+            self._file.write("".join([_record_line(*entry) for entry in entries]))
+            if last:
+                self._file.write("'EOF'];\n")
+                self._file.close()
+        except OSError as exc:
+            self._failed = True
+            log.warning("--record: cannot write %s: %s", self.path, _strerror(exc))
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+        return size
+
+
+class _RecordWriter:
+    """One thread writing every record file, in order, so the loop never waits for a disk."""
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+        self._jobs: queue.Queue[Optional[Tuple[_Recorder, List[_RecordEntry], bool]]]
+        self._jobs = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, recorder: _Recorder, entries: List[_RecordEntry], last: bool) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="websockify-record")
+            self._thread.daemon = True
+            self._thread.start()
+        self._jobs.put((recorder, entries, last))
+
+    def close(self, timeout: float) -> None:
+        """Write what is queued (every file ends valid), then end the thread."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            recorder, entries, last = job
+            size = recorder.write(entries, last)
+            self._loop.call_soon_threadsafe(functools.partial(recorder.written, size))
+
+
 class Session:
     """One client connection: its streams, its state and everything that happens to it."""
 
@@ -2386,6 +2510,7 @@ class Session:
         self._timer: Optional[Timer] = None  # the deadline of the current phase
         self._heartbeat: Optional[Timer] = None
         self._traffic = server.options.traffic
+        self._recorder: Optional[_Recorder] = None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -2464,6 +2589,8 @@ class Session:
     def on_drain(self, stream: Stream) -> None:
         if self.state is not State.RELAY:
             return
+        if self._recorder is not None and self._recorder.congested:
+            return  # resumed by _on_record_drain
         other = self.client if stream is self.target else self.target
         if other is not None and not other.reading and not other.closed:
             other.set_reading(True)
@@ -2610,6 +2737,8 @@ class Session:
         self.client.write(self._accept)
         self._set_state(State.RELAY)
         self._decoder = FrameDecoder(self.server.options.max_message_size)
+        if self.server.options.record:
+            self._recorder = self.server.new_recorder(self.number, self._on_record_drain)
         self.target.set_reading(True)
         self.client.set_reading(True)
         heartbeat = self.server.options.heartbeat
@@ -2648,6 +2777,8 @@ class Session:
             if opcode in (OP_BINARY, OP_TEXT):
                 if self.state is State.RELAY and self.target is not None and frame.payload:
                     self.target.write(frame.payload)
+                    if self._recorder is not None:
+                        self._recorder.add("}", frame.payload)
                     if self._traffic:
                         _traffic_mark(">")
             elif opcode == OP_PING:
@@ -2658,7 +2789,7 @@ class Session:
                 return
         decoder.check()
         target = self.target
-        if target is not None and target.queued > HIGH_WATER:
+        if (target is not None and target.queued > HIGH_WATER) or self._record_congested():
             self.client.set_reading(False)  # resumed by on_drain(target)
 
     def _from_target(self, data: memoryview) -> None:
@@ -2669,9 +2800,22 @@ class Session:
         self.client.write_frame(OP_BINARY, data)
         if self._traffic:
             _traffic_mark("<")
-        if self.client.queued > HIGH_WATER:
+        if self._recorder is not None:
+            self._recorder.add("{", data)
+        if self.client.queued > HIGH_WATER or self._record_congested():
             assert self.target is not None
             self.target.set_reading(False)  # resumed by on_drain(client)
+
+    def _record_congested(self) -> bool:
+        return self._recorder is not None and self._recorder.congested
+
+    def _on_record_drain(self) -> None:
+        """The record file caught up: resume the sides that only waited for it."""
+        if self.state is not State.RELAY:
+            return
+        for stream in (self.target, self.client):
+            if stream is not None and not stream.closed and stream.queued <= LOW_WATER:
+                self.on_drain(stream)
 
     def _ping(self) -> None:
         if self.state is not State.RELAY:
@@ -2740,6 +2884,8 @@ class Session:
                 timer.cancel()
         self._timer = self._heartbeat = None
         self._decoder = None
+        if self._recorder is not None:
+            self._recorder.close()
         log.debug("%s: session %d closed", self.peer, self.number)
         self.server.on_session_closed(self)
 
@@ -2803,6 +2949,7 @@ class Server:
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()
         self._unix_path: Optional[str] = None
+        self._record_writer = _RecordWriter(self.loop)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -2892,6 +3039,10 @@ class Server:
         if self.options.run_once and self._accepting:
             log.info("--run-once: serving this session, then exiting")
             self._wind_down()
+
+    def new_recorder(self, number: int, on_drain: Callable[[], None]) -> _Recorder:
+        """The --record file of session *number*: FILE.<number>, as upstream names it."""
+        return _Recorder(f"{self.options.record}.{number}", self._record_writer, on_drain)
 
     def on_session_closed(self, session: Session) -> None:
         self._sessions.pop(session.number, None)
@@ -3000,6 +3151,7 @@ class Server:
     def _close(self) -> None:
         for session in list(self._sessions.values()):
             session.abort()
+        self._record_writer.close(RECORD_CLOSE_TIMEOUT)
         for listener in self._listeners:
             listener.sock.close()
         self._listeners = []
@@ -3279,7 +3431,7 @@ _USAGE = """
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
 
 # Options that parse but whose feature this build does not have: refused with a clear error.
-_NOT_YET = ("record", "daemon", "web", "wrap_cmd", "syslog")
+_NOT_YET = ("daemon", "web", "wrap_cmd", "syslog")
 
 
 class _Parser(argparse.ArgumentParser):
