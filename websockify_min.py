@@ -2985,6 +2985,7 @@ class Server:
         if in_main_thread:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(signum, self.shutdown)
+            self.loop.add_signal_handler(signal.SIGHUP, self.reopen_log_files)
         try:
             self._start_serving()
             self._started.set()
@@ -3019,6 +3020,11 @@ class Server:
         for session in list(self._sessions.values()):
             session.shutdown()
         self._wind_down()
+
+    def reopen_log_files(self) -> None:
+        """SIGHUP: reopen --log-file by its name (after logrotate moved it); never stop."""
+        log.info("SIGHUP: reopening log files")
+        self.loop.run_in_worker(_reopen_log_files, _after_reopen)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -3159,6 +3165,40 @@ class Server:
             with contextlib.suppress(OSError):
                 os.unlink(self._unix_path)
         self.loop.close()
+
+
+def _reopen_log_files() -> List[str]:
+    """Point every file handler of our logger at a fresh file of its name; return failures.
+
+    The old file stays in use when the new one cannot be opened, so no line is lost.
+    """
+    failures = []
+    for handler in log.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        try:
+            stream = open(handler.baseFilename, "a", encoding=handler.encoding)  # noqa: SIM115
+        except OSError as exc:
+            failures.append(f"cannot reopen {handler.baseFilename}: {_strerror(exc)}")
+            continue
+        handler.acquire()
+        try:
+            old, handler.stream = handler.stream, stream
+        finally:
+            handler.release()
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+    return failures
+
+
+def _after_reopen(failures: Optional[List[str]], error: Optional[Exception]) -> None:
+    if error is not None:
+        failures = [_describe(error)]
+    for failure in failures or ():
+        log.warning("--log-file: %s; still writing to the old file", failure)
+    if not failures:
+        log.info("SIGHUP: log files reopened")
 
 
 def _format_address(address: Any) -> str:
@@ -3431,7 +3471,7 @@ _USAGE = """
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
 
 # Options that parse but whose feature this build does not have: refused with a clear error.
-_NOT_YET = ("daemon", "web", "wrap_cmd", "syslog")
+_NOT_YET = ("daemon", "web", "wrap_cmd")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3654,13 +3694,111 @@ def parse_args(argv: Sequence[str]) -> Options:
     return options
 
 
+SYSLOG_APP_NAME = "WebSockify"  # upstream's ident, so existing syslog filters keep matching
+SYSLOG_MAX_BYTES = 16 * 1024  # one datagram; a longer line (a traceback) is cut
+_FACILITY_USER, _FACILITY_DAEMON = 1, 3  # RFC 5424 section 6.2.1
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _syslog_severity(level: int) -> int:
+    """RFC 5424 severity of a logging level: crit 2, err 3, warning 4, info 6, debug 7."""
+    if level >= logging.CRITICAL:
+        return 2
+    if level >= logging.ERROR:
+        return 3
+    if level >= logging.WARNING:
+        return 4
+    return 6 if level >= logging.INFO else 7
+
+
+class _SyslogHandler(logging.Handler):
+    """Log records as syslog datagrams: RFC 5424 lines, or RFC 3164 (BSD) with *legacy*.
+
+    The stdlib's SysLogHandler writes neither format in full and may block. Here each
+    record is one non-blocking send over UDP or a unix datagram socket (such as
+    /dev/log); when the receiver is full or gone the line is dropped, never waited for,
+    and the number dropped is reported with the next line that gets through.
+    """
+
+    def __init__(self, server: str, facility: int, legacy: bool) -> None:
+        super().__init__()
+        self.facility = facility
+        self.legacy = legacy
+        self.dropped = 0
+        self.hostname = "".join(socket.gethostname().split()) or "-"
+        self.address: Any = server
+        if "/" not in server and ":" in server:
+            host, port = _split_address(server, "--syslog")
+            try:
+                family, _, _, _, self.address = socket.getaddrinfo(
+                    host or None, port, 0, socket.SOCK_DGRAM
+                )[0]
+            except socket.gaierror as exc:
+                raise ConfigError(f"--syslog: cannot resolve {host!r}: {exc}") from None
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        else:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.connect(server)
+            except OSError as exc:
+                reason = "not a datagram socket" if exc.errno == errno.EPROTOTYPE else None
+                raise ConfigError(
+                    f"--syslog: cannot send to {server}: {reason or _strerror(exc)}"
+                ) from None
+            finally:
+                probe.close()
+            # Unconnected: each line is sent to the path, so a restarted syslog is found again.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def line(self, record: logging.LogRecord, text: str) -> bytes:
+        """The datagram for *record* with message *text*."""
+        pri = self.facility * 8 + _syslog_severity(record.levelno)
+        if self.legacy:  # RFC 3164: local time without a year, short host name, tag[pid]
+            when = time.localtime(record.created)
+            stamp = f"{_MONTHS[when.tm_mon - 1]} {when.tm_mday:2d} {when.tm_hour:02d}:"
+            stamp += f"{when.tm_min:02d}:{when.tm_sec:02d}"
+            host = self.hostname.split(".")[0]
+            head = f"<{pri}>{stamp} {host} {SYSLOG_APP_NAME}[{os.getpid()}]: "
+        else:  # RFC 5424: VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            stamp += f".{int(record.msecs * 1000):06d}Z"
+            host = self.hostname[:255]
+            head = f"<{pri}>1 {stamp} {host} {SYSLOG_APP_NAME} {os.getpid()} - - "
+        return (head + text).encode("utf-8", "replace")[:SYSLOG_MAX_BYTES]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            datagram = self.line(record, self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if self._send(datagram) and self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            warning = logging.LogRecord(log.name, logging.WARNING, "", 0, "", None, None)
+            self._send(self.line(warning, f"syslog: {dropped} earlier lines were dropped"))
+
+    def _send(self, datagram: bytes) -> bool:
+        try:
+            self.sock.sendto(datagram, self.address)
+        except OSError:  # full (EAGAIN), gone, restarting: drop the line, never wait
+            self.dropped += 1
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
 def configure_logging(options: Options) -> None:
-    """Log lines to stderr (and --log-file), as upstream does."""
+    """Log lines to stderr (not once daemonized), --log-file and --syslog, as upstream does."""
     log.setLevel(logging.DEBUG if options.verbose else logging.INFO)
     log.propagate = False
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(stderr)
+    if not options.daemon:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(stderr)
     if options.log_file:
         try:
             to_file = logging.FileHandler(options.log_file)
@@ -3670,6 +3808,11 @@ def configure_logging(options: Options) -> None:
             ) from None
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(to_file)
+    if options.syslog:
+        facility = _FACILITY_DAEMON if options.daemon else _FACILITY_USER
+        to_syslog = _SyslogHandler(options.syslog, facility, options.legacy_syslog)
+        to_syslog.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(to_syslog)
 
 
 # === 13. main ===
