@@ -24,6 +24,7 @@ import datetime
 import email.utils
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -68,6 +69,7 @@ from typing import (
     Optional,
     Sequence,
     Set,
+    TextIO,
     Tuple,
     Union,
     cast,
@@ -131,6 +133,9 @@ HIGH_WATER = 256 * 1024  # queued bytes above which the other side stops being r
 LOW_WATER = 64 * 1024  # queued bytes below which it is read again
 MISSED_PONGS = 3  # with --heartbeat, a client silent for this many pings is dropped
 WORKER_THREADS = 8  # blocking calls (DNS, plugins) run in this many threads at most
+RECORD_BUFFER = 64 * 1024  # --record: payload bytes gathered before a write leaves the loop
+RECORD_HIGH_WATER = 4 * 1024 * 1024  # --record: bytes not yet on disk above which a relay pauses
+RECORD_CLOSE_TIMEOUT = 30.0  # seconds an exiting proxy waits for record files to be written
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY))
@@ -2630,6 +2635,125 @@ def _strip_spoofed_headers(headers: http.client.HTTPMessage) -> None:
             del headers[name]
 
 
+_RecordEntry = Tuple[str, int, bytes]  # direction mark, ms since the relay started, payload
+
+
+def _record_line(mark: str, ms: int, payload: bytes) -> str:
+    """One element of a record file: ``'{ms{payload',`` (to the client) or ``'}ms}...``.
+
+    The payload is written as upstream writes it: its bytes as latin-1 text through
+    Python's unicode_escape, with quotes escaped, so a JavaScript parser reads back one
+    character per byte.
+    """
+    text = payload.decode("latin-1").encode("unicode_escape").decode("ascii")
+    return "'" + mark + str(ms) + mark + text.replace("'", "\\'") + "',\n"
+
+
+class _Recorder:
+    """A session's --record file, a JavaScript array noVNC's playback reads.
+
+    The loop only appends payload copies to a list; every RECORD_BUFFER bytes the list
+    goes to the record writer thread, which escapes and writes it in order. If the disk
+    falls RECORD_HIGH_WATER behind, ``congested`` tells the session to pause its relay.
+    """
+
+    def __init__(self, path: str, writer: "_RecordWriter", on_drain: Callable[[], None]) -> None:
+        self.path = path
+        self._writer = writer
+        self._on_drain = on_drain
+        self._start = time.monotonic()
+        self._entries: List[_RecordEntry] = []
+        self._size = 0  # payload bytes in _entries
+        self.backlog = 0  # payload bytes handed to the writer and not yet written
+        self.closed = False
+        self._file: Optional[TextIO] = None  # used by the writer thread only
+        self._failed = False
+
+    @property
+    def congested(self) -> bool:
+        return self.backlog > RECORD_HIGH_WATER
+
+    def add(self, mark: str, data: Buffer) -> None:
+        """Record *data*: mark "{" went to the client, "}" came from it (loop thread)."""
+        ms = int((time.monotonic() - self._start) * 1000)
+        self._entries.append((mark, ms, bytes(data)))
+        self._size += len(data)
+        if self._size >= RECORD_BUFFER:
+            self._hand_over(False)
+
+    def close(self) -> None:
+        """End the array, so the file is valid JavaScript, and close it."""
+        if not self.closed:
+            self.closed = True
+            self._hand_over(True)
+
+    def _hand_over(self, last: bool) -> None:
+        entries, self._entries = self._entries, []
+        self.backlog += self._size
+        self._size = 0
+        self._writer.submit(self, entries, last)
+
+    def written(self, size: int) -> None:
+        """The writer has written *size* more bytes (loop thread)."""
+        self.backlog -= size
+        if self.backlog <= RECORD_HIGH_WATER // 2 and not self.closed:
+            self._on_drain()
+
+    def write(self, entries: List[_RecordEntry], last: bool) -> int:
+        """Write *entries* (writer thread); return their payload size."""
+        size = sum(len(entry[2]) for entry in entries)
+        if self._failed:
+            return size
+        try:
+            if self._file is None:
+                self._file = open(self.path, "w", encoding="ascii")  # noqa: SIM115
+                self._file.write("var VNC_frame_data = [\n")
+            self._file.write("".join([_record_line(*entry) for entry in entries]))
+            if last:
+                self._file.write("'EOF'];\n")
+                self._file.close()
+        except OSError as exc:
+            self._failed = True
+            log.warning("--record: cannot write %s: %s", self.path, _strerror(exc))
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+        return size
+
+
+class _RecordWriter:
+    """One thread writing every record file, in order, so the loop never waits for a disk."""
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+        self._jobs: queue.Queue[Optional[Tuple[_Recorder, List[_RecordEntry], bool]]]
+        self._jobs = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, recorder: _Recorder, entries: List[_RecordEntry], last: bool) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="websockify-record")
+            self._thread.daemon = True
+            self._thread.start()
+        self._jobs.put((recorder, entries, last))
+
+    def close(self, timeout: float) -> None:
+        """Write what is queued (every file ends valid), then end the thread."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            recorder, entries, last = job
+            size = recorder.write(entries, last)
+            self._loop.call_soon_threadsafe(functools.partial(recorder.written, size))
+
+
 class Session:
     """One client connection: its streams, its state and everything that happens to it."""
 
@@ -2655,6 +2779,7 @@ class Session:
         self._timer: Optional[Timer] = None  # the deadline of the current phase
         self._heartbeat: Optional[Timer] = None
         self._traffic = server.options.traffic
+        self._recorder: Optional[_Recorder] = None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -2733,6 +2858,8 @@ class Session:
     def on_drain(self, stream: Stream) -> None:
         if self.state is not State.RELAY:
             return
+        if self._recorder is not None and self._recorder.congested:
+            return  # resumed by _on_record_drain
         other = self.client if stream is self.target else self.target
         if other is not None and not other.reading and not other.closed:
             other.set_reading(True)
@@ -2879,6 +3006,8 @@ class Session:
         self.client.write(self._accept)
         self._set_state(State.RELAY)
         self._decoder = FrameDecoder(self.server.options.max_message_size)
+        if self.server.options.record:
+            self._recorder = self.server.new_recorder(self.number, self._on_record_drain)
         self.target.set_reading(True)
         self.client.set_reading(True)
         heartbeat = self.server.options.heartbeat
@@ -2917,6 +3046,8 @@ class Session:
             if opcode in (OP_BINARY, OP_TEXT):
                 if self.state is State.RELAY and self.target is not None and frame.payload:
                     self.target.write(frame.payload)
+                    if self._recorder is not None:
+                        self._recorder.add("}", frame.payload)
                     if self._traffic:
                         _traffic_mark(">")
             elif opcode == OP_PING:
@@ -2927,7 +3058,7 @@ class Session:
                 return
         decoder.check()
         target = self.target
-        if target is not None and target.queued > HIGH_WATER:
+        if (target is not None and target.queued > HIGH_WATER) or self._record_congested():
             self.client.set_reading(False)  # resumed by on_drain(target)
 
     def _from_target(self, data: memoryview) -> None:
@@ -2938,9 +3069,22 @@ class Session:
         self.client.write_frame(OP_BINARY, data)
         if self._traffic:
             _traffic_mark("<")
-        if self.client.queued > HIGH_WATER:
+        if self._recorder is not None:
+            self._recorder.add("{", data)
+        if self.client.queued > HIGH_WATER or self._record_congested():
             assert self.target is not None
             self.target.set_reading(False)  # resumed by on_drain(client)
+
+    def _record_congested(self) -> bool:
+        return self._recorder is not None and self._recorder.congested
+
+    def _on_record_drain(self) -> None:
+        """The record file caught up: resume the sides that only waited for it."""
+        if self.state is not State.RELAY:
+            return
+        for stream in (self.target, self.client):
+            if stream is not None and not stream.closed and stream.queued <= LOW_WATER:
+                self.on_drain(stream)
 
     def _ping(self) -> None:
         if self.state is not State.RELAY:
@@ -3009,6 +3153,8 @@ class Session:
                 timer.cancel()
         self._timer = self._heartbeat = None
         self._decoder = None
+        if self._recorder is not None:
+            self._recorder.close()
         log.debug("%s: session %d closed", self.peer, self.number)
         self.server.on_session_closed(self)
 
@@ -3072,6 +3218,7 @@ class Server:
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()
         self._unix_path: Optional[str] = None
+        self._record_writer = _RecordWriter(self.loop)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -3107,6 +3254,7 @@ class Server:
         if in_main_thread:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(signum, self.shutdown)
+            self.loop.add_signal_handler(signal.SIGHUP, self.reopen_log_files)
         try:
             self._start_serving()
             self._started.set()
@@ -3142,6 +3290,11 @@ class Server:
             session.shutdown()
         self._wind_down()
 
+    def reopen_log_files(self) -> None:
+        """SIGHUP: reopen --log-file by its name (after logrotate moved it); never stop."""
+        log.info("SIGHUP: reopening log files")
+        self.loop.run_in_worker(_reopen_log_files, _after_reopen)
+
     # -- sessions -------------------------------------------------------------------------
 
     def find_target(self, request: Request) -> TargetAddress:
@@ -3161,6 +3314,10 @@ class Server:
         if self.options.run_once and self._accepting:
             log.info("--run-once: serving this session, then exiting")
             self._wind_down()
+
+    def new_recorder(self, number: int, on_drain: Callable[[], None]) -> _Recorder:
+        """The --record file of session *number*: FILE.<number>, as upstream names it."""
+        return _Recorder(f"{self.options.record}.{number}", self._record_writer, on_drain)
 
     def on_session_closed(self, session: Session) -> None:
         self._sessions.pop(session.number, None)
@@ -3269,6 +3426,7 @@ class Server:
     def _close(self) -> None:
         for session in list(self._sessions.values()):
             session.abort()
+        self._record_writer.close(RECORD_CLOSE_TIMEOUT)
         for listener in self._listeners:
             listener.sock.close()
         self._listeners = []
@@ -3276,6 +3434,40 @@ class Server:
             with contextlib.suppress(OSError):
                 os.unlink(self._unix_path)
         self.loop.close()
+
+
+def _reopen_log_files() -> List[str]:
+    """Point every file handler of our logger at a fresh file of its name; return failures.
+
+    The old file stays in use when the new one cannot be opened, so no line is lost.
+    """
+    failures = []
+    for handler in log.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        try:
+            stream = open(handler.baseFilename, "a", encoding=handler.encoding)  # noqa: SIM115
+        except OSError as exc:
+            failures.append(f"cannot reopen {handler.baseFilename}: {_strerror(exc)}")
+            continue
+        handler.acquire()
+        try:
+            old, handler.stream = handler.stream, stream
+        finally:
+            handler.release()
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+    return failures
+
+
+def _after_reopen(failures: Optional[List[str]], error: Optional[Exception]) -> None:
+    if error is not None:
+        failures = [_describe(error)]
+    for failure in failures or ():
+        log.warning("--log-file: %s; still writing to the old file", failure)
+    if not failures:
+        log.info("SIGHUP: log files reopened")
 
 
 def _format_address(address: Any) -> str:
@@ -3548,7 +3740,7 @@ _USAGE = """
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
 
 # Options that parse but whose feature this build does not have: refused with a clear error.
-_NOT_YET = ("record", "daemon", "web", "wrap_cmd", "syslog")
+_NOT_YET = ("daemon", "web", "wrap_cmd")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3771,13 +3963,111 @@ def parse_args(argv: Sequence[str]) -> Options:
     return options
 
 
+SYSLOG_APP_NAME = "WebSockify"  # upstream's ident, so existing syslog filters keep matching
+SYSLOG_MAX_BYTES = 16 * 1024  # one datagram; a longer line (a traceback) is cut
+_FACILITY_USER, _FACILITY_DAEMON = 1, 3  # RFC 5424 section 6.2.1
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _syslog_severity(level: int) -> int:
+    """RFC 5424 severity of a logging level: crit 2, err 3, warning 4, info 6, debug 7."""
+    if level >= logging.CRITICAL:
+        return 2
+    if level >= logging.ERROR:
+        return 3
+    if level >= logging.WARNING:
+        return 4
+    return 6 if level >= logging.INFO else 7
+
+
+class _SyslogHandler(logging.Handler):
+    """Log records as syslog datagrams: RFC 5424 lines, or RFC 3164 (BSD) with *legacy*.
+
+    The stdlib's SysLogHandler writes neither format in full and may block. Here each
+    record is one non-blocking send over UDP or a unix datagram socket (such as
+    /dev/log); when the receiver is full or gone the line is dropped, never waited for,
+    and the number dropped is reported with the next line that gets through.
+    """
+
+    def __init__(self, server: str, facility: int, legacy: bool) -> None:
+        super().__init__()
+        self.facility = facility
+        self.legacy = legacy
+        self.dropped = 0
+        self.hostname = "".join(socket.gethostname().split()) or "-"
+        self.address: Any = server
+        if "/" not in server and ":" in server:
+            host, port = _split_address(server, "--syslog")
+            try:
+                family, _, _, _, self.address = socket.getaddrinfo(
+                    host or None, port, 0, socket.SOCK_DGRAM
+                )[0]
+            except socket.gaierror as exc:
+                raise ConfigError(f"--syslog: cannot resolve {host!r}: {exc}") from None
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        else:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.connect(server)
+            except OSError as exc:
+                reason = "not a datagram socket" if exc.errno == errno.EPROTOTYPE else None
+                raise ConfigError(
+                    f"--syslog: cannot send to {server}: {reason or _strerror(exc)}"
+                ) from None
+            finally:
+                probe.close()
+            # Unconnected: each line is sent to the path, so a restarted syslog is found again.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def line(self, record: logging.LogRecord, text: str) -> bytes:
+        """The datagram for *record* with message *text*."""
+        pri = self.facility * 8 + _syslog_severity(record.levelno)
+        if self.legacy:  # RFC 3164: local time without a year, short host name, tag[pid]
+            when = time.localtime(record.created)
+            stamp = f"{_MONTHS[when.tm_mon - 1]} {when.tm_mday:2d} {when.tm_hour:02d}:"
+            stamp += f"{when.tm_min:02d}:{when.tm_sec:02d}"
+            host = self.hostname.split(".")[0]
+            head = f"<{pri}>{stamp} {host} {SYSLOG_APP_NAME}[{os.getpid()}]: "
+        else:  # RFC 5424: VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            stamp += f".{int(record.msecs * 1000):06d}Z"
+            host = self.hostname[:255]
+            head = f"<{pri}>1 {stamp} {host} {SYSLOG_APP_NAME} {os.getpid()} - - "
+        return (head + text).encode("utf-8", "replace")[:SYSLOG_MAX_BYTES]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            datagram = self.line(record, self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if self._send(datagram) and self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            warning = logging.LogRecord(log.name, logging.WARNING, "", 0, "", None, None)
+            self._send(self.line(warning, f"syslog: {dropped} earlier lines were dropped"))
+
+    def _send(self, datagram: bytes) -> bool:
+        try:
+            self.sock.sendto(datagram, self.address)
+        except OSError:  # full (EAGAIN), gone, restarting: drop the line, never wait
+            self.dropped += 1
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
 def configure_logging(options: Options) -> None:
-    """Log lines to stderr (and --log-file), as upstream does."""
+    """Log lines to stderr (not once daemonized), --log-file and --syslog, as upstream does."""
     log.setLevel(logging.DEBUG if options.verbose else logging.INFO)
     log.propagate = False
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(stderr)
+    if not options.daemon:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(stderr)
     if options.log_file:
         try:
             to_file = logging.FileHandler(options.log_file)
@@ -3787,6 +4077,11 @@ def configure_logging(options: Options) -> None:
             ) from None
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(to_file)
+    if options.syslog:
+        facility = _FACILITY_DAEMON if options.daemon else _FACILITY_USER
+        to_syslog = _SyslogHandler(options.syslog, facility, options.legacy_syslog)
+        to_syslog.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(to_syslog)
 
 
 # === 13. main ===

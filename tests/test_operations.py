@@ -1,0 +1,415 @@
+"""Operations end to end: record files, daemon, pid file, logging, privileges, key passwords."""
+
+import base64
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+import trustme
+from conftest import (
+    DEADLINE,
+    ProxyFactory,
+    RawClient,
+    TcpServer,
+    echo_checksummed,
+    free_port,
+    wait_until,
+)
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.timeout(120)
+
+NODE = shutil.which("node")
+
+
+def listen_args() -> Tuple[str, Tuple[str, int]]:
+    port = free_port()
+    return f"127.0.0.1:{port}", ("127.0.0.1", port)
+
+
+def ws_url(address: Tuple[str, int], path: str = "/websockify") -> str:
+    return f"ws://{address[0]}:{address[1]}{path}"
+
+
+# -- record files ---------------------------------------------------------------------------
+
+RecordEntry = Tuple[str, int, bytes]  # direction mark, milliseconds, payload
+
+# Evaluates the file as JavaScript and prints its entries as JSON, payloads in base64.
+_NODE_READER = r"""
+const fs = require('fs'), vm = require('vm');
+const context = {};
+vm.runInNewContext(fs.readFileSync(process.argv[1], 'utf8'), context);
+const frames = context.VNC_frame_data;
+if (!Array.isArray(frames) || frames[frames.length - 1] !== 'EOF') throw new Error('no EOF');
+const out = frames.slice(0, -1).map(function (frame) {
+  const m = /^([{}])(\d+)\1([\s\S]*)$/.exec(frame);
+  if (!m) throw new Error('bad frame ' + JSON.stringify(frame.slice(0, 40)));
+  for (let i = 0; i < m[3].length; i++) {
+    if (m[3].charCodeAt(i) > 255) throw new Error('not a byte string');
+  }
+  return [m[1], Number(m[2]), Buffer.from(m[3], 'latin1').toString('base64')];
+});
+process.stdout.write(JSON.stringify(out));
+"""
+
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[nrt\\'])")
+_LINE = re.compile(r"'([{}])(\d+)\1((?:[^'\\\n]|\\(?:x[0-9a-fA-F]{2}|[nrt\\']))*)',")
+
+
+def read_record_strictly(path: Path) -> List[RecordEntry]:
+    """The same reading as _NODE_READER, for machines without node: a strict grammar."""
+    lines = path.read_text("ascii").split("\n")
+    assert lines[0] == "var VNC_frame_data = [" and lines[-2:] == ["'EOF'];", ""], lines[-2:]
+    simple = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", "'": "'"}
+    entries = []
+    for line in lines[1:-2]:
+        match = _LINE.fullmatch(line)
+        assert match, line[:80]
+        text = _ESCAPE.sub(
+            lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) == 3 else simple[m.group(1)],
+            match.group(3),
+        )
+        entries.append((match.group(1), int(match.group(2)), text.encode("latin-1")))
+    return entries
+
+
+def read_record(path: Path) -> List[RecordEntry]:
+    if NODE is None:
+        return read_record_strictly(path)
+    output = subprocess.run(
+        [NODE, "-e", _NODE_READER, str(path)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert output.returncode == 0, output.stderr.decode()
+    return [(mark, ms, base64.b64decode(data)) for mark, ms, data in json.loads(output.stdout)]
+
+
+def record_files(stem: Path) -> List[Path]:
+    """FILE.<n> files of a --record FILE, by session number."""
+    found = [
+        p for p in stem.parent.iterdir() if re.fullmatch(re.escape(stem.name) + r"\.\d+", p.name)
+    ]
+    return sorted(found, key=lambda p: int(p.suffix[1:]))
+
+
+def is_closed_record(path: Path) -> bool:
+    return path.exists() and path.read_bytes().endswith(b"'EOF'];\n")
+
+
+def directions(entries: List[RecordEntry]) -> Tuple[bytes, bytes]:
+    """(bytes from the client, bytes to the client) of a record."""
+    ms = [entry[1] for entry in entries]
+    assert ms == sorted(ms), "times go backwards"
+    received = b"".join(data for mark, _, data in entries if mark == "}")
+    sent = b"".join(data for mark, _, data in entries if mark == "{")
+    return received, sent
+
+
+# Every byte value, quotes of both kinds, backslashes, newlines and escapes-lookalikes.
+TRICKY = [
+    bytes(range(256)),
+    b"'\"\\'\\\\x41\\n\n\r\t",
+    "caf\u00e9 \u2028 \U0001f600".encode(),
+    b"</script><!--",
+]
+
+
+@pytest.mark.smoke
+def test_record_files_parse_and_decode_to_the_bytes_sent(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    stem = tmp_path / "rec"
+    listen, address = listen_args()
+    proxy = start_proxy("--record", str(stem), listen, echo_server.target, listen=address)
+    large = os.urandom(300_000)  # several writer hand-overs
+    with connect(ws_url(address), max_size=None) as ws:
+        for payload in [*TRICKY, large]:
+            ws.send(payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = ws.recv(DEADLINE)
+                assert isinstance(chunk, bytes)
+                got += chunk
+            assert got == payload
+    with connect(ws_url(address)) as ws:  # a second session gets a file of its own
+        ws.send(b"second session")
+        assert ws.recv(DEADLINE) == b"second session"
+    wait_until(lambda: len(record_files(stem)) == 2, "two record files")
+    first, second = record_files(stem)
+    wait_until(lambda: is_closed_record(first) and is_closed_record(second), "closed records")
+    assert int(first.suffix[1:]) < int(second.suffix[1:])
+    expected = b"".join([*TRICKY, large])
+    assert directions(read_record(first)) == (expected, expected)
+    assert directions(read_record(second)) == (b"second session", b"second session")
+    if NODE is not None:  # the fallback parser agrees with node
+        assert read_record_strictly(first) == read_record(first)
+    assert proxy.stop() == 0
+
+
+def test_record_of_a_large_transfer_and_of_sessions_open_at_shutdown(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    stem = tmp_path / "big"
+    listen, address = listen_args()
+    proxy = start_proxy("--record", str(stem), listen, echo_server.target, listen=address)
+    with connect(ws_url(address), max_size=None) as ws:
+        echo_checksummed(ws, 8 * 1024 * 1024, 100_000)  # the relay keeps flowing while it records
+    wait_until(lambda: any(is_closed_record(p) for p in record_files(stem)), "the big record")
+    (big,) = record_files(stem)
+    received, sent = directions(read_record(big))
+    assert len(received) == len(sent) == 8 * 1024 * 1024 and received == sent
+
+    open_clients = [RawClient.connect(address) for _ in range(3)]
+    for number, client in enumerate(open_clients):
+        message = b"open at shutdown %d" % number
+        client.send(0x2, message)
+        assert client.recv_data(len(message)) == message
+    os.kill(proxy.pid, signal.SIGTERM)  # the proxy ends these sessions itself
+    for client in open_clients:
+        assert client.recv_close()[0] == 1001
+        client.close()
+    assert proxy.wait_exit() == 0
+    files = record_files(stem)[1:]
+    assert len(files) == 3 and all(is_closed_record(p) for p in files)
+    assert sorted(directions(read_record(p)) for p in files) == [
+        (b"open at shutdown %d" % n, b"open at shutdown %d" % n) for n in range(3)
+    ]
+
+
+def test_record_file_that_cannot_be_written_leaves_the_session_alone(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    listen, address = listen_args()
+    stem = tmp_path / "missing-directory" / "rec"
+    proxy = start_proxy("--record", str(stem), listen, echo_server.target, listen=address)
+    with connect(ws_url(address)) as ws:
+        ws.send(b"x" * 100_000)
+        assert len(ws.recv(DEADLINE)) > 0
+    proxy.wait_log("--record: cannot write")
+    with connect(ws_url(address)) as ws:
+        ws.send(b"still serving")
+        assert ws.recv(DEADLINE) == b"still serving"
+
+
+# -- log file and SIGHUP --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_pem(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, trustme.CA]:
+    """A certificate and key for 127.0.0.1 in one file, and the CA that signed it."""
+    ca = trustme.CA()
+    pem = tmp_path_factory.mktemp("pki") / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    return pem, ca
+
+
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def test_log_file_names_client_address_kind_path_and_target(
+    start_proxy: ProxyFactory,
+    echo_server: TcpServer,
+    tmp_path: Path,
+    server_pem: Tuple[Path, trustme.CA],
+) -> None:
+    pem, ca = server_pem
+    log_file = tmp_path / "proxy.log"
+    listen, address = listen_args()
+    start_proxy(
+        "--cert", str(pem), "--log-file", str(log_file), listen, echo_server.target, listen=address
+    )
+    with connect(ws_url(address, "/plain?one=1")) as ws:
+        ws.send(b"ws")
+        assert ws.recv(DEADLINE) == b"ws"
+    wss_url = f"wss://{address[0]}:{address[1]}/secure/path"
+    with connect(wss_url, ssl=client_tls(ca)) as ws:
+        ws.send(b"wss")
+        assert ws.recv(DEADLINE) == b"wss"
+    wait_until(lambda: log_file.read_text().count("client closed") >= 2, "both sessions logged")
+    lines = log_file.read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", line) for line in lines)
+
+    def line_with(*words: str) -> str:
+        found = [line for line in lines if all(word in line for word in words)]
+        assert found, f"no log line with {words}:\n" + "\n".join(lines)
+        return found[0]
+
+    line_with("127.0.0.1", "(ws://)")
+    line_with("127.0.0.1", "(wss://)")
+    line_with("127.0.0.1", "/plain?one=1")
+    line_with("127.0.0.1", "/secure/path")
+    assert len([line for line in lines if echo_server.target in line]) >= 2
+
+
+def test_sighup_reopens_the_log_file_and_never_stops_the_proxy(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "proxy.log"
+    rotated = tmp_path / "proxy.log.1"
+    listen, address = listen_args()
+    proxy = start_proxy("--log-file", str(log_file), listen, echo_server.target, listen=address)
+    with connect(ws_url(address, "/before")) as ws:
+        ws.send(b"before")
+        assert ws.recv(DEADLINE) == b"before"
+    wait_until(lambda: "/before" in log_file.read_text(), "the first session in the log")
+    log_file.rename(rotated)  # what logrotate does
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_until(lambda: log_file.exists() and "reopened" in log_file.read_text(), "a new log file")
+    with connect(ws_url(address, "/after")) as ws:
+        ws.send(b"after")
+        assert ws.recv(DEADLINE) == b"after"
+    wait_until(lambda: "/after" in log_file.read_text(), "the second session in the new log")
+    assert "/after" not in rotated.read_text()
+    assert "/before" not in log_file.read_text()
+    os.kill(proxy.pid, signal.SIGHUP)  # also without a file to move, and more than once
+    wait_until(lambda: log_file.read_text().count("reopened") == 2, "a second reopen")
+    assert proxy.proc.poll() is None
+    assert proxy.stop() == 0
+
+
+def test_sighup_without_a_log_file_is_harmless(
+    start_proxy: ProxyFactory, echo_server: TcpServer
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy(listen, echo_server.target, listen=address)
+    os.kill(proxy.pid, signal.SIGHUP)
+    proxy.wait_log("reopened")
+    with connect(ws_url(address)) as ws:
+        ws.send(b"alive")
+        assert ws.recv(DEADLINE) == b"alive"
+    assert proxy.stop() == 0
+
+
+# -- syslog ---------------------------------------------------------------------------------
+
+RFC5424 = re.compile(
+    r"<(?P<pri>\d{1,3})>(?P<version>1) (?P<timestamp>\S+) (?P<hostname>\S+) (?P<app>\S+) "
+    r"(?P<procid>\S+) (?P<msgid>\S+) (?P<sd>-) (?P<msg>.*)",
+    re.DOTALL,
+)
+RFC3164 = re.compile(
+    r"<(?P<pri>\d{1,3})>(?P<timestamp>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) (?P<hostname>\S+) "
+    r"(?P<app>[^\[\s]+)\[(?P<procid>\d+)\]: (?P<msg>.*)",
+    re.DOTALL,
+)
+
+
+def receive_lines(sock: socket.socket, until: str) -> List[str]:
+    """Datagrams from *sock* up to and including one containing *until*."""
+    lines: List[str] = []
+    sock.settimeout(DEADLINE)
+    while not lines or until not in lines[-1]:
+        lines.append(sock.recv(65536).decode())
+    return lines
+
+
+def check_rfc5424(line: str, pid: int, facility: int) -> str:
+    match = RFC5424.fullmatch(line)
+    assert match, line
+    assert int(match["pri"]) >> 3 == facility
+    assert int(match["pri"]) & 7 in (3, 4, 6, 7)
+    stamp = datetime.datetime.strptime(match["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    now = datetime.datetime.utcnow()
+    assert abs((now - stamp).total_seconds()) < 120, (stamp, now)
+    assert match["hostname"] == socket.gethostname()
+    assert match["app"] == "WebSockify"
+    assert match["procid"] == str(pid)
+    return match["msg"]
+
+
+def check_rfc3164(line: str, pid: int, facility: int) -> str:
+    match = RFC3164.fullmatch(line)
+    assert match, line
+    assert int(match["pri"]) >> 3 == facility
+    now = datetime.datetime.now()
+    stamp = datetime.datetime.strptime(f"{now.year} {match['timestamp']}", "%Y %b %d %H:%M:%S")
+    assert abs((now - stamp).total_seconds()) < 120, (stamp, now)
+    assert match["hostname"] == socket.gethostname().split(".")[0]
+    assert match["app"] == "WebSockify"
+    assert match["procid"] == str(pid)
+    return match["msg"]
+
+
+@pytest.mark.smoke
+def test_syslog_over_udp_in_rfc5424(start_proxy: ProxyFactory, echo_server: TcpServer) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        syslog = f"127.0.0.1:{receiver.getsockname()[1]}"
+        listen, address = listen_args()
+        proxy = start_proxy("--syslog", syslog, listen, echo_server.target, listen=address)
+        with connect(ws_url(address, "/via-syslog")) as ws:
+            ws.send(b"hello")
+            assert ws.recv(DEADLINE) == b"hello"
+        lines = receive_lines(receiver, "client closed")
+        messages = [check_rfc5424(line, proxy.pid, facility=1) for line in lines]
+        assert any(m.startswith("listening on 127.0.0.1:") for m in messages)
+        assert any("/via-syslog" in m for m in messages)
+        assert int(RFC5424.fullmatch(lines[0])["pri"]) == 1 * 8 + 6  # type: ignore[index]
+
+
+def test_syslog_over_a_unix_socket_in_the_legacy_format_drops_rather_than_blocks(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "log.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    listen, address = listen_args()
+    proxy = start_proxy(
+        "-v", "--syslog", path, "--legacy-syslog", listen, echo_server.target, listen=address
+    )
+    with connect(ws_url(address, "/legacy")) as ws:
+        ws.send(b"hello")
+        assert ws.recv(DEADLINE) == b"hello"
+    lines = receive_lines(receiver, "client closed")
+    messages = [check_rfc3164(line, proxy.pid, facility=1) for line in lines]
+    assert any("/legacy" in m for m in messages)
+    assert {int(RFC3164.fullmatch(line)["pri"]) & 7 for line in lines} >= {6, 7}  # type: ignore[index]
+
+    # A receiver that reads nothing: its queue fills up, the proxy drops lines, never waits.
+    for _ in range(150):
+        with connect(ws_url(address, "/flood")) as ws:
+            ws.send(b"x")
+            assert ws.recv(DEADLINE) == b"x"
+    # The receiver goes away and comes back (a restarted syslog daemon): found again.
+    receiver.close()
+    os.unlink(path)
+    with connect(ws_url(address, "/while-gone")) as ws:
+        ws.send(b"y")
+        assert ws.recv(DEADLINE) == b"y"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    with receiver, connect(ws_url(address, "/back")) as ws:
+        ws.send(b"z")
+        assert ws.recv(DEADLINE) == b"z"
+        lines = receive_lines(receiver, "/back")
+        notes = [check_rfc3164(line, proxy.pid, facility=1) for line in lines]
+        assert any(re.search(r"syslog: \d+ earlier lines were dropped", n) for n in notes)
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("syslog", "message"),
+    [("/nonexistent/log.sock", "--syslog: cannot send to"), ("host:port", "--syslog port")],
+)
+def test_syslog_that_cannot_work_is_a_startup_error(
+    start_proxy: ProxyFactory, syslog: str, message: str
+) -> None:
+    proxy = start_proxy("--syslog", syslog, "127.0.0.1:0", "127.0.0.1:1")
+    assert proxy.wait_exit() == 2
+    output = proxy.log().strip()
+    assert len(output.splitlines()) == 1 and message in output, output
