@@ -7,6 +7,7 @@ running the tests), so the same tests can run the proxy under any Python version
 import base64
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -227,6 +228,60 @@ def tcp_server() -> Iterator[Callable[..., TcpServer]]:
     yield make
     for server in servers:
         server.close()
+
+
+# -- redis-server, for the TokenRedis plugin ----------------------------------------------
+
+REDIS_PASSWORD = "s3cr:et"  # with a colon: sources must quote it
+
+
+class RedisServer:
+    """A redis-server of its own on a free 127.0.0.1 port, with a password and no disk."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(directory)),
+                *("--requirepass", REDIS_PASSWORD),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(self.answers, f"redis-server on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def answers(self) -> bool:
+        assert self.process.poll() is None, "redis-server exited"
+        try:
+            return self.cli("PING") == "PONG"
+        except subprocess.CalledProcessError:
+            return False
+
+    def cli(self, *args: str, db: int = 0) -> str:
+        command = ["redis-cli", "-p", str(self.port), "-n", str(db), "--no-auth-warning"]
+        command += ["-a", REDIS_PASSWORD, *args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server for the module's tests; they skip, loudly, where none is installed."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("REDIS TESTS SKIPPED: redis-server/redis-cli not installed (make system-deps)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def echo_checksummed(ws: ClientConnection, size: int, message_size: int) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
+from conftest import REDIS_PASSWORD, RedisServer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -693,55 +694,6 @@ def test_token_api_sources(source: Optional[str]) -> None:
 
 
 # --- TokenRedis against a real redis-server ---
-
-REDIS_PASSWORD = "s3cr:et"
-
-
-class RedisServer:
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(directory)),
-                *("--requirepass", REDIS_PASSWORD),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(self.answers, 10, f"redis-server on port {self.port}")
-
-    def answers(self) -> bool:
-        assert self.process.poll() is None, "redis-server exited"
-        try:
-            return self.cli("PING") == "PONG"
-        except subprocess.CalledProcessError:
-            return False
-
-    def cli(self, *args: str, db: int = 0) -> str:
-        command = ["redis-cli", "-p", str(self.port), "-n", str(db), "--no-auth-warning"]
-        command += ["-a", REDIS_PASSWORD, *args]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
-        return done.stdout.strip()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("REDIS TESTS SKIPPED: redis-server/redis-cli not installed (make system-deps)")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def redis_source(redis: RedisServer, *rest: str) -> str:
