@@ -41,6 +41,7 @@ import mimetypes
 import os
 import queue
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -2974,7 +2975,11 @@ class Session:
         while self._next_address < len(addresses):
             family, address = addresses[self._next_address]
             self._next_address += 1
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:  # out of descriptors: tell the client, as for a refusal
+                self._last_connect_error = exc
+                continue
             sock.setblocking(False)
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -3172,6 +3177,18 @@ def _traffic_mark(mark: str) -> None:
 _ACCEPT_BATCH = 64  # connections taken per readiness event, so one listener cannot starve I/O
 _ACCEPT_RETRY = 0.5  # seconds to wait after running out of file descriptors
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_SPARE_DESCRIPTORS = 16  # kept for listeners, the selector, the wake-up pair, log and plugin files
+
+
+def _session_limit() -> int:
+    """Sessions that fit in RLIMIT_NOFILE at two descriptors each (client and target); 0: no limit.
+
+    Accepting more only to fail creating their target sockets would refuse every newcomer
+    once the descriptors run out; beyond this the excess waits in the listen backlog."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(1, (soft - _SPARE_DESCRIPTORS) // 2)
 
 
 class _Listener(Watched):
@@ -3215,6 +3232,8 @@ class Server:
         self._stopping = False
         self._idle_timer: Optional[Timer] = None
         self._retry_timer: Optional[Timer] = None
+        self._max_sessions = _session_limit()
+        self._full = False  # accepting paused at _max_sessions until a session ends
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()
         self._unix_path: Optional[str] = None
@@ -3324,6 +3343,9 @@ class Server:
         if self._retry_timer is not None:  # descriptors were short; one just came free
             self._retry_timer.cancel()
             self._resume_accepting()
+        elif self._full:
+            self._full = False
+            self._resume_accepting()
         if not self._sessions:
             if self._stopping:
                 self._stop_when_idle()
@@ -3406,6 +3428,13 @@ class Server:
                 self._retry_timer = self.loop.call_later(_ACCEPT_RETRY, self._resume_accepting)
                 return
             self._start_session(sock, address)
+            if self._max_sessions and len(self._sessions) >= self._max_sessions:
+                log.warning(
+                    "%d sessions open, all the descriptor limit allows: new clients wait",
+                    len(self._sessions),
+                )
+                self._stop_accepting()
+                self._full = True
             if not self._accepting:
                 return
 

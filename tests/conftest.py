@@ -440,3 +440,66 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- the proxy process as the kernel sees it -------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of *pid* in KiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time *pid* has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descriptor_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Bystander:
+    """A healthy WebSocket session echoing in a thread while a test attacks the proxy.
+
+    assert_unharmed() fails unless echoes kept coming back intact since the last check.
+    """
+
+    def __init__(self, client: RawClient) -> None:
+        self.client = client
+        self.rounds = 0
+        self.error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                payload = os.urandom(1 + self.rounds % 3000)
+                self.client.send(0x2, payload)
+                assert self.client.recv_data(len(payload)) == payload, "echo corrupted"
+                self.rounds += 1
+                self._stop.wait(0.01)  # pacing, so the bystander does not load the machine
+        except BaseException as exc:  # reported by assert_unharmed
+            self.error = exc
+
+    def assert_unharmed(self, rounds: int = 3) -> None:
+        before = self.rounds
+        wait_until(
+            lambda: self.error is not None or self.rounds >= before + rounds,
+            "the bystander's echoes",
+        )
+        assert self.error is None, f"the bystander session broke: {self.error!r}"
+
+    def close(self) -> None:
+        self.assert_unharmed()
+        self._stop.set()
+        self._thread.join(DEADLINE)
+        self.client.send(0x8, struct.pack("!H", 1000))
+        assert self.client.recv_close()[0] == 1000
+        self.client.close()
