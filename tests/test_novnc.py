@@ -6,6 +6,11 @@ needs Debian packages (`make system-deps` installs them as root); a missing one 
 test with its name, never passes it.
 """
 
+import base64
+import contextlib
+import hashlib
+import io
+import json
 import os
 import select
 import shutil
@@ -13,10 +18,15 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from urllib.parse import quote, urlencode
 
 import pytest
-from conftest import DEADLINE, ProxyFactory, free_port, stop_process
+import trustme
+from conftest import DEADLINE, Proxy, ProxyFactory, free_port, stop_process, wait_until
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from PIL import Image
 from websockets.sync.client import ClientConnection, connect
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,6 +34,12 @@ pytestmark = pytest.mark.timeout(180)
 GEOMETRY = (320, 240)  # small: every pixel of it is checked
 Colour = Tuple[int, int, int]
 BLUE: Colour = (0x2A, 0x7F, 0xD4)
+ORANGE: Colour = (0xD4, 0x64, 0x2A)
+NOVNC_DIR = Path("/usr/share/novnc")  # where Debian's novnc package puts vnc.html
+BROWSER_DEADLINE = 60.0  # seconds a page may take to show the desktop on a loaded machine
+VIEWPORT = (640, 400)
+# Set to a path to keep a copy of the first browser screenshot (the README's picture).
+SCREENSHOT_COPY = os.environ.get("WSMIN_NOVNC_SCREENSHOT")
 
 
 def need_program(name: str, package: str) -> str:
@@ -211,3 +227,291 @@ def test_vnc_desktop_through_the_proxy(
         screen = read_frame_buffer(ws, reader, init.width, init.height)
     red, green, blue = BLUE
     assert screen == bytes((blue, green, red, 0)) * (init.width * init.height)
+
+
+# -- headless Chromium over the DevTools protocol ------------------------------------------
+
+
+class DevToolsError(Exception):
+    pass
+
+
+class Browser:
+    """Headless Chromium with a fresh profile, driven over one DevTools WebSocket.
+
+    Pages are attached in flat mode: each command names its page's session, and events
+    for every page arrive on the same socket (console messages are kept per session).
+    """
+
+    def __init__(self, folder: Path, extra_args: Sequence[str] = ()) -> None:
+        chromium = need_program("chromium", "chromium")
+        profile = folder / "profile"
+        profile.mkdir()
+        self.log_path = folder / "chromium.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--mute-audio",
+                "--force-device-scale-factor=1",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",  # Chromium picks; DevToolsActivePort tells
+                *extra_args,
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.messages: Dict[str, List[str]] = {}
+        self._next_id = 0
+        self._closing = contextlib.ExitStack()
+        try:
+            port, path = self._devtools_endpoint(profile / "DevToolsActivePort")
+            self.ws = self._closing.enter_context(
+                connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=DEADLINE)
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _devtools_endpoint(self, active_port: Path) -> Tuple[str, str]:
+        def written() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"chromium exited with {self.proc.returncode}:\n{self.log()}")
+            return active_port.exists() and len(active_port.read_text().splitlines()) >= 2
+
+        wait_until(written, "chromium's DevTools endpoint", BROWSER_DEADLINE)
+        port, path = active_port.read_text().splitlines()[:2]
+        return port, path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def call(
+        self, method: str, params: Optional[Dict[str, Any]] = None, session: str = ""
+    ) -> Dict[str, Any]:
+        """Send one command; keep the events that come first; return its result."""
+        self._next_id += 1
+        command: Dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            command["sessionId"] = session
+        self.ws.send(json.dumps(command))
+        deadline = time.monotonic() + BROWSER_DEADLINE
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no answer to {method} in {BROWSER_DEADLINE}s")
+            message = json.loads(self.ws.recv(left))
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise DevToolsError(f"{method}: {message['error']}")
+                return dict(message["result"])
+            self._keep_event(message)
+
+    def _keep_event(self, event: Dict[str, Any]) -> None:
+        params = event.get("params", {})
+        if event.get("method") == "Runtime.consoleAPICalled":
+            text = " ".join(str(arg.get("value", arg.get("description"))) for arg in params["args"])
+            line = f"console.{params['type']}: {text}"
+        elif event.get("method") == "Runtime.exceptionThrown":
+            line = f"exception: {params['exceptionDetails'].get('text')}"
+        else:
+            return
+        self.messages.setdefault(event.get("sessionId", ""), []).append(line)
+
+    def open(self, url: str) -> "Page":
+        """A new tab at *url*, with a fixed viewport and its console captured."""
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})
+        page = Page(self, target, session["sessionId"])
+        page.call("Runtime.enable")
+        width, height = VIEWPORT
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+        page.call("Page.navigate", {"url": url})
+        return page
+
+    def stop(self) -> None:
+        self._closing.close()
+        stop_process(self.proc)
+        self._log.close()
+
+
+class Page:
+    def __init__(self, browser: Browser, target: str, session: str) -> None:
+        self.browser = browser
+        self.target = target
+        self.session = session
+
+    def call(self, method: str, params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        return self.browser.call(method, params, self.session)
+
+    def evaluate(self, expression: str) -> Any:
+        reply = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        if "exceptionDetails" in reply:
+            raise DevToolsError(f"{expression}: {reply['exceptionDetails']}")
+        return reply["result"].get("value")
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.call("Page.captureScreenshot", {"format": "png"})["data"])
+
+    def console(self) -> str:
+        return "\n".join(self.browser.messages.get(self.session, [])[-30:])
+
+    def close(self) -> None:
+        """Close the tab: noVNC's WebSocket goes with it."""
+        self.browser.call("Target.closeTarget", {"targetId": self.target})
+
+
+class ServerCert(NamedTuple):
+    pem: Path  # key and certificate chain, for --cert
+    spki_sha256: str  # base64 SHA-256 of its public key, as Chromium's pinning flags take it
+
+
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
+    """A certificate for 127.0.0.1 from a throwaway CA."""
+    leaf = trustme.CA().issue_cert("127.0.0.1")
+    pem = tmp_path_factory.mktemp("pki") / "server.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return ServerCert(pem, base64.b64encode(hashlib.sha256(spki).digest()).decode())
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory, server_cert: ServerCert) -> Iterator[Browser]:
+    """One Chromium for the module (starting it costs seconds); a fresh tab per test.
+
+    It accepts the test server's key despite its unknown CA, and no other bad certificate.
+    """
+    chromium = Browser(
+        tmp_path_factory.mktemp("chromium"),
+        [f"--ignore-certificate-errors-spki-list={server_cert.spki_sha256}"],
+    )
+    yield chromium
+    chromium.stop()
+
+
+# -- noVNC's page, served by the proxy ------------------------------------------------------
+
+
+# noVNC's canvas in the page: where it is, its size, and the connection status line.
+_CANVAS_STATE = """(() => {
+    const canvas = document.querySelector('#noVNC_container canvas');
+    const status = document.getElementById('noVNC_status');
+    if (!canvas) return null;
+    const r = canvas.getBoundingClientRect();
+    return {left: r.left, top: r.top, width: r.width, height: r.height,
+            pixels: [canvas.width, canvas.height], status: status ? status.textContent : ''};
+})()"""
+
+
+def count_colours(
+    png: bytes, box: Tuple[int, int, int, int], colours: Sequence[Colour]
+) -> List[int]:
+    """How many pixels of each colour the screenshot has inside *box*."""
+    with Image.open(io.BytesIO(png)) as image:
+        region = image.convert("RGB").crop(box)
+        counts = {colour: n for n, colour in region.getcolors(region.width * region.height) or ()}
+    return [counts.get(colour, 0) for colour in colours]
+
+
+def wait_for_desktop(page: Page, colour: Colour, absent: Sequence[Colour] = ()) -> bytes:
+    """Poll screenshots until noVNC's canvas shows the whole desktop in *colour*.
+
+    The canvas must have the desktop's size, and at least 95% of its pixels on screen must be
+    exactly the colour (noVNC's controls may overlap an edge); no pixel may be one of
+    *absent*. Returns that screenshot as PNG.
+    """
+    last: Dict[str, Any] = {}
+
+    def shows_desktop() -> bool:
+        state = page.evaluate(_CANVAS_STATE)
+        last["state"] = state
+        if not state or state["pixels"] != list(GEOMETRY):
+            return False
+        png = page.screenshot()
+        left, top = int(-(-state["left"] // 1)), int(-(-state["top"] // 1))  # inside the canvas
+        right, bottom = int(state["left"] + state["width"]), int(state["top"] + state["height"])
+        counts = count_colours(png, (left, top, right, bottom), [colour, *absent])
+        last["counts"], last["png"] = counts, png
+        area = (right - left) * (bottom - top)
+        return counts[0] >= 0.95 * area and not any(counts[1:])
+
+    try:
+        wait_until(shows_desktop, "noVNC's canvas to show the desktop", BROWSER_DEADLINE)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\nlast canvas state: {last.get('state')}\n"
+            f"pixels of {colour} then of {absent}: {last.get('counts')}\n"
+            f"page console:\n{page.console()}"
+        ) from None
+    return bytes(last["png"])
+
+
+def novnc_url(base: str, port: int, **settings: str) -> str:
+    """vnc.html under *base*, told to connect at once to 127.0.0.1:port (noVNC 1.3 names)."""
+    query = {"autoconnect": "1", "host": "127.0.0.1", "port": str(port), "resize": "off"}
+    query.update(settings)
+    return f"{base}/vnc.html?{urlencode(query, quote_via=quote)}"
+
+
+class NoVncServer(NamedTuple):
+    proxy: Proxy
+    port: int
+    page: str  # the URL vnc.html and the rest of noVNC are under
+
+
+def start_novnc_proxy(
+    start_proxy: ProxyFactory, *options: str, target: str = "", tls: bool = False
+) -> NoVncServer:
+    """The proxy serving noVNC with --web on a fresh port; skip loudly where --web is missing."""
+    if not (NOVNC_DIR / "vnc.html").is_file():
+        pytest.skip(f"MISSING noVNC: no {NOVNC_DIR}/vnc.html; install Debian's novnc")
+    port = free_port()
+    scheme = "https" if tls else "http"
+    targets = [target] if target else []
+    proxy = start_proxy("--web", str(NOVNC_DIR), *options, f"127.0.0.1:{port}", *targets)
+    try:
+        proxy.wait_listening(("127.0.0.1", port))
+    except AssertionError:
+        if proxy.proc.returncode == 2 and "--web" in proxy.log():
+            pytest.skip(f"MISSING --web: the proxy cannot serve noVNC yet: {proxy.log().strip()}")
+        raise
+    return NoVncServer(proxy, port, f"{scheme}://127.0.0.1:{port}")
+
+
+def test_novnc_shows_the_desktop(
+    start_proxy: ProxyFactory,
+    vnc_desktop: Callable[[Colour], VncDesktop],
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    """vnc.html from the proxy's --web, connected through the proxy, shows Xvnc's desktop."""
+    desktop = vnc_desktop(BLUE)
+    novnc = start_novnc_proxy(start_proxy, target=desktop.target)
+    page = browser.open(novnc_url(novnc.page, novnc.port))
+    png = wait_for_desktop(page, BLUE)
+    (tmp_path / "novnc.png").write_bytes(png)
+    if SCREENSHOT_COPY:
+        Path(SCREENSHOT_COPY).write_bytes(png)
+    assert "Connected (unencrypted)" in page.evaluate(_CANVAS_STATE)["status"]
+    page.close()
+    novnc.proxy.wait_log("client closed the WebSocket")
