@@ -515,3 +515,41 @@ def test_novnc_shows_the_desktop(
     assert "Connected (unencrypted)" in page.evaluate(_CANVAS_STATE)["status"]
     page.close()
     novnc.proxy.wait_log("client closed the WebSocket")
+
+
+def test_novnc_over_wss(
+    start_proxy: ProxyFactory,
+    vnc_desktop: Callable[[Colour], VncDesktop],
+    browser: Browser,
+    server_cert: ServerCert,
+) -> None:
+    """The page over https:// and the VNC session over wss://, both from one TLS port."""
+    desktop = vnc_desktop(ORANGE)
+    novnc = start_novnc_proxy(
+        start_proxy, "--cert", str(server_cert.pem), "--ssl-only", target=desktop.target, tls=True
+    )
+    page = browser.open(novnc_url(novnc.page, novnc.port, encrypt="1"))
+    wait_for_desktop(page, ORANGE)
+    assert "Connected (encrypted)" in page.evaluate(_CANVAS_STATE)["status"]
+    page.close()
+
+
+def test_novnc_token_file_routes_each_token_to_its_desktop(
+    start_proxy: ProxyFactory,
+    vnc_desktop: Callable[[Colour], VncDesktop],
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    """Two tabs at once, one per token, each showing its own desktop and not the other."""
+    blue, orange = vnc_desktop(BLUE), vnc_desktop(ORANGE)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"blue: {blue.target}\norange: {orange.target}\n")
+    novnc = start_novnc_proxy(
+        start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens)
+    )
+    blue_page = browser.open(novnc_url(novnc.page, novnc.port, path="websockify?token=blue"))
+    orange_page = browser.open(novnc_url(novnc.page, novnc.port, path="websockify?token=orange"))
+    wait_for_desktop(blue_page, BLUE, absent=[ORANGE])
+    wait_for_desktop(orange_page, ORANGE, absent=[BLUE])
+    blue_page.close()
+    orange_page.close()
