@@ -1,5 +1,6 @@
 # make            build rebind.so
-# make test       install what the checks need (venv, dev packages, redis-server) and run them all
+# make test       install what the checks need (venv, dev packages, system packages, Node's ws)
+#                 and run them all
 # make pyz        build the zipapp websockify.pyz
 # make bench      benchmark against upstream websockify (bench-quick: under 2 minutes)
 # make clean
@@ -11,7 +12,7 @@ CC     ?= cc
 CFLAGS ?= -O2
 REBIND_CFLAGS = -Wall -Wextra -Werror -fPIC -shared
 
-.PHONY: all test lint typecheck unit matrix system-deps pyz bench bench-quick clean
+.PHONY: all test lint typecheck unit matrix system-deps node-deps pyz bench bench-quick clean
 
 all: rebind.so
 
@@ -28,6 +29,22 @@ $(VENV)/.installed: pyproject.toml
 system-deps:
 	@sh .ci/system-deps
 
+# Node's ws package for the client interoperability tests, pinned by tests/package-lock.json,
+# into tests/node_modules; without npm (or its registry) those tests skip and say why.
+NODE_DEPS = tests/node_modules/.installed
+
+node-deps: system-deps
+	@$(MAKE) -s --no-print-directory $(NODE_DEPS)
+
+$(NODE_DEPS): tests/package.json tests/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+	    echo "no npm: the Node client tests will skip" >&2; \
+	elif npm ci --prefix tests --no-audit --no-fund --loglevel=error; then \
+	    touch $@; \
+	else \
+	    echo "npm ci failed: the Node client tests will skip" >&2; \
+	fi
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -42,7 +59,7 @@ unit: $(VENV)/.installed
 matrix: $(VENV)/.installed
 	.ci/matrix $(VPY)
 
-test: $(VENV)/.installed system-deps rebind.so lint typecheck
+test: $(VENV)/.installed system-deps node-deps rebind.so lint typecheck
 	$(VPY) -m pytest
 	.ci/matrix $(VPY)
 
