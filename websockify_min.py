@@ -2781,6 +2781,11 @@ class Session:
         self._heartbeat: Optional[Timer] = None
         self._traffic = server.options.traffic
         self._recorder: Optional[_Recorder] = None
+        self._web_requests = 0  # plain HTTP requests answered on this connection
+        self._web_file: Optional[BinaryIO] = None  # being sent to the client
+        self._web_left = 0  # bytes of _web_file still to send
+        self._web_started = False  # the response head is out: no error answer possible
+        self._keep_alive = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -2807,7 +2812,12 @@ class Session:
         self._set_deadline(self.server.options.handshake_timeout, self._on_handshake_timeout)
 
     def _on_handshake_timeout(self) -> None:
-        log.info("%s: no complete handshake within %gs, closing", self.peer, self._handshake_s())
+        if self._web_requests and not self._head:
+            log.debug("%s: idle keep-alive connection closed", self.peer)
+        else:
+            log.info(
+                "%s: no complete handshake within %gs, closing", self.peer, self._handshake_s()
+            )
         self.abort()
 
     def _handshake_s(self) -> float:
@@ -2857,6 +2867,9 @@ class Session:
                 self.target.close_when_flushed()
 
     def on_drain(self, stream: Stream) -> None:
+        if self.state is State.WEB and stream is self.client:
+            self._send_web_file()
+            return
         if self.state is not State.RELAY:
             return
         if self._recorder is not None and self._recorder.congested:
@@ -2922,6 +2935,9 @@ class Session:
         self._head = bytearray()
         self.request = request
         self.client.set_reading(False)
+        if not is_upgrade(request) and self.server.web_root is not None:
+            self._start_web(request)
+            return
         if not is_upgrade(request):
             raise HandshakeError(
                 426 if request.method in ("GET", "HEAD") else 405,
@@ -2930,10 +2946,7 @@ class Session:
             )
         key, subprotocol = check_upgrade(request)
         self._accept = accept_response(key, subprotocol)
-        _strip_spoofed_headers(request.headers)
-        common_name = _client_cert_cn(self.client.sock)
-        if common_name is not None:
-            request.headers["SSL_CLIENT_S_DN_CN"] = common_name
+        self._prepare_auth_headers(request)
         kind = "SSL/TLS (wss://)" if self.scheme == "wss" else "Plain non-SSL (ws://)"
         log.info("%s: %s WebSocket connection", self.peer, kind)
         log.info("%s: Path: '%s'", self.peer, request.target)
@@ -2947,6 +2960,12 @@ class Session:
             lambda: self.server.find_target(request),
             lambda result, error: self._guard(lambda: self._on_resolved(result, error)),
         )
+
+    def _prepare_auth_headers(self, request: Request) -> None:
+        _strip_spoofed_headers(request.headers)
+        common_name = _client_cert_cn(self.client.sock)
+        if common_name is not None:
+            request.headers["SSL_CLIENT_S_DN_CN"] = common_name
 
     def _on_resolve_timeout(self) -> None:
         raise HandshakeError(504, "Looking up the target took too long")  # plugin or DNS
@@ -3023,14 +3042,124 @@ class Session:
             early, self._early = self._early, b""
             self._from_client(memoryview(early))
 
+    # -- plain HTTP (--web) -------------------------------------------------------------------
+
+    def _start_web(self, request: Request) -> None:
+        """Answer a plain request from the web root; the files are looked at in a worker."""
+        check_web_request(request)
+        self._set_state(State.WEB)
+        self._web_requests += 1
+        self._web_started = False
+        self._keep_alive = wants_keep_alive(request)
+        if self.server.options.web_auth:
+            self._prepare_auth_headers(request)
+        number, keep_alive = self._web_requests, self._keep_alive
+        self._set_deadline(LOOKUP_TIMEOUT, self._on_web_timeout)
+        self.loop.run_in_worker(
+            lambda: self.server.answer_web(request, keep_alive),
+            lambda result, error: self._guard(lambda: self._on_web_answer(number, result, error)),
+        )
+
+    def _on_web_timeout(self) -> None:
+        raise HandshakeError(504, "Answering took too long")  # an auth plugin or the disk
+
+    def _on_web_answer(
+        self, number: int, result: Optional[WebResponse], error: Optional[Exception]
+    ) -> None:
+        if self.state is not State.WEB or number != self._web_requests:
+            if result is not None and result.file is not None:
+                result.file.close()  # timed out or closed meanwhile
+            return
+        if error is not None:
+            raise error
+        assert result is not None and self.request is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        request = self.request
+        size = result.length or len(result.body)
+        log.info(
+            '%s: "%s %s" %d %d', self.peer, request.method, request.target, result.status, size
+        )
+        self._web_started = True
+        self.client.write(result.head + result.body if result.body else result.head)
+        self._web_file, self._web_left = result.file, result.length
+        self._send_web_file()
+
+    def _send_web_file(self) -> None:
+        """Send the file in chunks while the client's queue has room; resumed by on_drain.
+
+        A regular file reads fast, but a whole large one at once would hold up every
+        other connection: each turn sends at most WEB_BURST bytes.
+        """
+        if self.state is not State.WEB or not self._web_started:
+            return  # a late call: the response ended, or the next one is not ready yet
+        client, file = self.client, self._web_file
+        budget = WEB_BURST
+        while file is not None and self._web_left and client.queued <= HIGH_WATER and budget > 0:
+            try:
+                chunk = file.read(min(WEB_CHUNK, self._web_left))
+            except OSError as exc:
+                log.warning("%s: reading %s: %s", self.peer, file.name, _strerror(exc))
+                self.abort()
+                return
+            if not chunk:
+                log.warning("%s: %s shrank while it was sent", self.peer, file.name)
+                self.abort()
+                return
+            self._web_left -= len(chunk)
+            budget -= len(chunk)
+            client.write(chunk)
+        if client.closed:
+            return
+        if client.queued:
+            return  # on_drain calls again
+        if self._web_left:
+            # The kernel took it all, so no drain will come: continue on the next turn.
+            self.loop.call_later(0, lambda: self._guard(self._send_web_file))
+            return
+        self._end_web_response()
+
+    def _end_web_response(self) -> None:
+        """The response is sent: wait for the next request, or close."""
+        self._close_web_file()
+        self._web_started = False
+        if not self._keep_alive:
+            self._set_state(State.CLOSING)
+            self.client.linger()
+            self._set_deadline(CLOSE_TIMEOUT, self.abort)
+            return
+        self._set_state(State.READ_REQUEST)
+        self._set_deadline(self.server.options.handshake_timeout, self._on_handshake_timeout)
+        self.client.set_reading(True)
+        if self._early:  # a pipelined request
+            early, self._early = self._early, b""
+            self._read_request(memoryview(early))
+
+    def _close_web_file(self) -> None:
+        if self._web_file is not None:
+            self._web_file.close()
+            self._web_file = None
+            self._web_left = 0
+
     def _refuse(self, exc: HandshakeError) -> None:
         """Answer a request that cannot become a WebSocket with an HTTP error, then close."""
-        if self.state not in (State.READ_REQUEST, State.RESOLVE, State.WEB):
-            self.abort()  # the 101 is sent: no HTTP answer is possible any more
+        if self.state not in (State.READ_REQUEST, State.RESOLVE, State.WEB) or self._web_started:
+            self.abort()  # the 101 or a response head is sent: no HTTP answer is possible
             return
         request = self.request
         line = f"{request.method} {request.target}" if request else "-"
-        log.info('%s: "%s" %d %s', self.peer, line, exc.status, exc.reason)
+        if isinstance(exc, WebPathError):
+            log.warning(
+                '%s: "%s" %d %s: path refused: %s',
+                self.peer,
+                line,
+                exc.status,
+                exc.reason,
+                exc.detail,
+            )
+        else:
+            log.info('%s: "%s" %d %s', self.peer, line, exc.status, exc.reason)
         self.client.write(error_response(exc.status, exc.reason, exc.headers))
         if self.target is not None:
             self.target.close()
@@ -3160,6 +3289,7 @@ class Session:
         self._decoder = None
         if self._recorder is not None:
             self._recorder.close()
+        self._close_web_file()
         log.debug("%s: session %d closed", self.peer, self.number)
         self.server.on_session_closed(self)
 
@@ -3224,6 +3354,7 @@ class Server:
         if options.auth_plugin:
             self.auth_plugin = load_plugin("auth", options.auth_plugin, options.auth_source)
         self.fixed_target = _fixed_target(options)
+        self.web_root = _web_root(options.web) if options.web else None
         self.exit_status = 0
         self._listeners: List[_Listener] = []
         self._sessions: Dict[int, Session] = {}
@@ -3328,6 +3459,14 @@ class Server:
         if self.auth_plugin is not None:
             check_auth(self.auth_plugin, request.headers, target)
         return resolve_target(target, options.prefer_ipv6)
+
+    def answer_web(self, request: Request, keep_alive: bool) -> WebResponse:
+        """The response to a plain GET or HEAD: auth with --web-auth, then the file
+        (blocking: runs in a worker)."""
+        assert self.web_root is not None
+        if self.options.web_auth and self.auth_plugin is not None:
+            check_auth(self.auth_plugin, request.headers, _web_auth_target(self.options))
+        return serve_static(self.web_root, request, self.options.file_only, keep_alive)
 
     def on_relay_started(self, session: Session) -> None:
         if self.options.run_once and self._accepting:
@@ -3531,6 +3670,22 @@ def _fixed_target(options: "Options") -> Optional[TargetAddress]:
         )
     except socket.gaierror:
         return None  # a name: resolved for each connection, as DNS may change
+
+
+def _web_auth_target(options: "Options") -> Optional[Target]:
+    """The target an auth plugin sees for a plain web request: the one target of the
+    command line, or none when targets come from tokens."""
+    if options.token_plugin or not (options.unix_target or options.target_host):
+        return None
+    return _configured_target(options)
+
+
+def _web_root(directory: str) -> str:
+    """The real path of the --web directory; ConfigError if it is not one."""
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--web: {directory!r} is not a directory")
+    mimetypes.init()  # now, once: the worker threads then only read its tables
+    return os.path.realpath(directory)
 
 
 def _open_listeners(options: "Options") -> List[socket.socket]:
@@ -3769,7 +3924,7 @@ _USAGE = """
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
 
 # Options that parse but whose feature this build does not have: refused with a clear error.
-_NOT_YET = ("daemon", "web", "wrap_cmd")
+_NOT_YET = ("daemon", "wrap_cmd")
 
 
 class _Parser(argparse.ArgumentParser):
