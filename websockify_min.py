@@ -33,6 +33,7 @@ import http
 import http.client
 import importlib
 import importlib.util
+import ipaddress
 import itertools
 import json
 import logging
@@ -386,6 +387,78 @@ def error_response(status: int, reason: str, headers: Mapping[str, str] = {}) ->
     ]
     fields += [(name, value) for name, value in headers.items()]
     return response_head(status, fields) + body
+
+
+# --- the client behind proxies ---
+
+_IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+_IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# RFC 7239: elements separated by commas, pairs by semicolons; quoted strings may hold both.
+_FORWARDED_ELEMENT = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
+_FORWARDED_PAIR = re.compile(r'([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def forwarded_for(headers: http.client.HTTPMessage) -> List[str]:
+    """The client addresses that proxies recorded, the first client first.
+
+    The ``for=`` of every RFC 7239 Forwarded element ("unknown" for an element without
+    one); without a Forwarded header, the X-Forwarded-For list. Untrusted text: see
+    real_client."""
+    nodes: List[str] = []
+    for value in headers.get_all("Forwarded") or []:
+        for element in _FORWARDED_ELEMENT.findall(value):
+            if not element.strip():
+                continue
+            node = "unknown"
+            for name, pair_value in _FORWARDED_PAIR.findall(element):
+                if name.lower() == "for":
+                    node = pair_value.strip()
+                    if len(node) >= 2 and node[0] == node[-1] == '"':
+                        node = re.sub(r"\\(.)", r"\1", node[1:-1])
+            nodes.append(node)
+    if nodes:
+        return nodes
+    for value in headers.get_all("X-Forwarded-For") or []:
+        nodes += [node.strip() for node in value.split(",") if node.strip()]
+    return nodes
+
+
+def _node_address(node: str) -> Optional[_IPAddress]:
+    """The IP address in a Forwarded node or X-Forwarded-For entry (a port is dropped)."""
+    text = node.strip()
+    if text.startswith("["):  # [v6]:port
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def real_client(peer: str, nodes: Sequence[str], trusted: Sequence[_IPNetwork]) -> Optional[str]:
+    """The address of the client behind trusted proxies, for the log.
+
+    None when *peer* (the address that connected) is not in *trusted*, or when no proxy
+    named a client: then the peer is the client. Otherwise *nodes* (forwarded_for) are
+    walked from the right, the hops the trusted proxies added themselves, past every
+    trusted address: the first other one is the client, since anything left of it may be
+    made up by the client. "unknown" when that entry is not an IP address."""
+    peer_address = _node_address(peer)
+    if peer_address is None or not any(peer_address in network for network in trusted):
+        return None
+    address: Optional[_IPAddress] = None
+    for node in reversed(nodes):
+        address = _node_address(node)
+        if address is None:
+            return "unknown"
+        if not any(address in network for network in trusted):
+            return str(address)
+    return None if address is None else str(address)  # all trusted: the first one
 
 
 # === 5. WebSocket frames (sans-IO) ===
@@ -2762,7 +2835,8 @@ class Session:
         self.server = server
         self.loop = server.loop
         self.number = number
-        self.peer = peer
+        self.peer = peer  # who the log lines name: the client, behind a trusted proxy too
+        self._socket_peer = peer  # the address that connected
         self.state = State.READ_REQUEST
         self.client = Stream(self.loop, sock, self)
         self.target: Optional[Stream] = None
@@ -2935,6 +3009,11 @@ class Session:
         self._head = bytearray()
         self.request = request
         self.client.set_reading(False)
+        if self.server.trusted_proxies:  # a proxy may pass on other clients' requests
+            real = real_client(
+                self._socket_peer, forwarded_for(request.headers), self.server.trusted_proxies
+            )
+            self.peer = self._socket_peer if real is None else f"{real} via {self._socket_peer}"
         if not is_upgrade(request) and self.server.web_root is not None:
             self._start_web(request)
             return
@@ -2945,6 +3024,8 @@ class Session:
                 {"Upgrade": "websocket", "Sec-WebSocket-Version": "13"},
             )
         key, subprotocol = check_upgrade(request)
+        if self.server.allowed_origins:
+            self._check_origin(request)
         self._accept = accept_response(key, subprotocol)
         self._prepare_auth_headers(request)
         kind = "SSL/TLS (wss://)" if self.scheme == "wss" else "Plain non-SSL (ws://)"
@@ -2960,6 +3041,14 @@ class Session:
             lambda: self.server.find_target(request),
             lambda result, error: self._guard(lambda: self._on_resolved(result, error)),
         )
+
+    def _check_origin(self, request: Request) -> None:
+        origins = request.headers.get_all("Origin") or []
+        origin = origins[0].strip() if len(origins) == 1 else ""
+        if origin.lower() not in self.server.allowed_origins:
+            shown = _brief(origin) if origin else "(none)"
+            log.warning("%s: origin %s is not allowed (--allow-origin)", self.peer, shown)
+            raise HandshakeError(403, "Origin not allowed")
 
     def _prepare_auth_headers(self, request: Request) -> None:
         _strip_spoofed_headers(request.headers)
@@ -3355,6 +3444,8 @@ class Server:
             self.auth_plugin = load_plugin("auth", options.auth_plugin, options.auth_source)
         self.fixed_target = _fixed_target(options)
         self.web_root = _web_root(options.web) if options.web else None
+        self.allowed_origins = frozenset(_parse_origins(options.allow_origin))
+        self.trusted_proxies = _parse_networks(options.trusted_proxy)
         self.exit_status = 0
         self._listeners: List[_Listener] = []
         self._sessions: Dict[int, Session] = {}
@@ -3680,6 +3771,38 @@ def _web_auth_target(options: "Options") -> Optional[Target]:
     return _configured_target(options)
 
 
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+")
+
+
+def _parse_origins(values: Sequence[str]) -> Tuple[str, ...]:
+    """--allow-origin values (each one origin or a comma-separated list), lower-cased as
+    they are compared; a trailing slash, as copied from an address bar, is dropped."""
+    origins = []
+    for value in values:
+        for origin in value.split(","):
+            origin = origin.strip().rstrip("/")
+            if not _ORIGIN.fullmatch(origin):
+                raise ConfigError(
+                    f"--allow-origin: {origin!r} is not an origin (scheme://host[:port])"
+                )
+            origins.append(origin.lower())
+    return tuple(origins)
+
+
+def _parse_networks(values: Sequence[str]) -> List[_IPNetwork]:
+    """--trusted-proxy values: addresses or networks (CIDR), one or a comma-separated list."""
+    networks = []
+    for value in values:
+        for text in value.split(","):
+            try:
+                networks.append(ipaddress.ip_network(text.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"--trusted-proxy: {text.strip()!r} is not an IP address or network"
+                ) from None
+    return networks
+
+
 def _web_root(directory: str) -> str:
     """The real path of the --web directory; ConfigError if it is not one."""
     if not os.path.isdir(directory):
@@ -3915,6 +4038,8 @@ class Options(NamedTuple):
     max_message_size: int = DEFAULT_MAX_MESSAGE
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
+    allow_origin: Tuple[str, ...] = ()
+    trusted_proxy: Tuple[str, ...] = ()
 
 
 _USAGE = """
@@ -4025,6 +4150,20 @@ def _build_parser() -> _Parser:
     add("--web-auth", action="store_true", help="require the auth plugin for --web files too")
     add("--file-only", action="store_true", help="no directory listings for --web")
     add(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="refuse WebSocket upgrades from other origins (repeatable, or a comma list)",
+    )
+    add(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="log the client named by X-Forwarded-For/Forwarded from this proxy (IP or CIDR)",
+    )
+    add(
         "--wrap-mode",
         choices=("exit", "ignore", "respawn"),
         default="exit",
@@ -4099,6 +4238,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         name: getattr(ns, name) for name in Options._fields if hasattr(ns, name)
     }
     fields["wrap_cmd"] = wrap_cmd
+    fields["allow_origin"] = _parse_origins(ns.allow_origin)
+    fields["trusted_proxy"] = tuple(str(net) for net in _parse_networks(ns.trusted_proxy))
     if ns.target_config:
         if ns.token_plugin:
             raise ConfigError("--target-config and --token-plugin cannot be combined")

@@ -1,8 +1,10 @@
 """End to end: --web serves files on the WebSocket port, through the real proxy process."""
 
+import base64
 import email.utils
 import hashlib
 import http.client
+import ipaddress
 import os
 import socket
 import threading
@@ -20,7 +22,12 @@ from conftest import (
     echo_checksummed,
     free_port,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
+
+from websockify_min import forwarded_for, parse_request, real_client
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -467,3 +474,245 @@ def test_web_needs_a_directory(start_proxy: ProxyFactory, tmp_path: Path) -> Non
     assert proxy.log().strip().splitlines() == [
         f"websockify_min.py: error: --web: {str(tmp_path / 'nope')!r} is not a directory"
     ]
+
+
+# -- --web-auth, --allow-origin, --trusted-proxy ----------------------------------------------
+
+
+def basic(credentials: str) -> str:
+    return "Authorization: Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+def test_web_auth_puts_files_behind_the_auth_plugin(
+    start_proxy: ProxyFactory, echo_server: TcpServer, site: Site
+) -> None:
+    auth = ("--auth-plugin", "BasicHTTPAuth", "--auth-source", "alice:s3cret")
+    proxy, address = start_web(start_proxy, site, echo_server.target, "--web-auth", *auth)
+    refused, closed = raw_exchange(address, b"GET /app/ui.js HTTP/1.1\r\n\r\n")
+    assert refused.status == 401 and closed
+    assert refused.headers["www-authenticate"] == 'Basic realm="Websockify"'
+    assert b"export" not in refused.body
+    assert get(address, "/app/ui.js", basic("alice:wrong")).status == 401
+    allowed = get(address, "/app/ui.js", basic("alice:s3cret"))
+    assert allowed.status == 200 and allowed.body == b"export const ui = 1;\n"
+    with pytest.raises(InvalidStatus):
+        connect(ws_url(address)).close()
+    with connect(
+        ws_url(address),
+        additional_headers={"Authorization": basic("alice:s3cret").split(": ", 1)[1]},
+    ) as ws:
+        ws.send(b"upgrades too")
+        assert ws.recv(DEADLINE) == b"upgrades too"
+    proxy.wait_log("authentication refused")
+
+
+def test_without_web_auth_files_are_public_but_upgrades_are_not(
+    start_proxy: ProxyFactory, echo_server: TcpServer, site: Site
+) -> None:
+    auth = ("--auth-plugin", "BasicHTTPAuth", "--auth-source", "alice:s3cret")
+    _, address = start_web(start_proxy, site, echo_server.target, *auth)
+    assert get(address, "/app/ui.js").status == 200
+    with pytest.raises(InvalidStatus) as caught:
+        connect(ws_url(address)).close()
+    assert caught.value.response.status_code == 401
+
+
+def test_web_auth_plugin_sees_the_request_and_no_target_with_tokens(
+    start_proxy: ProxyFactory, echo_server: TcpServer, site: Site, tmp_path: Path
+) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "seen.py").write_text(
+        "from websockify.auth_plugins import AuthenticationError\n"
+        "class Seen:\n"
+        "    def __init__(self, src):\n"
+        "        self.src = src\n"
+        "    def authenticate(self, headers, target_host, target_port):\n"
+        "        if headers.get('X-Pass') != self.src:\n"
+        "            raise AuthenticationError(response_code=403, response_msg='No pass')\n"
+        "        print('auth saw', target_host, target_port, flush=True)\n"
+    )
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"vm: {echo_server.target}\n")
+    listen, address = listen_args()
+    proxy = start_proxy(
+        "--web", str(site.root), "--web-auth", "--auth-plugin", "seen.Seen",
+        "--auth-source", "letmein", "--token-plugin", "TokenFile", "--token-source",
+        str(tokens), listen, listen=address,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "plugins")},
+    )  # fmt: skip
+    assert get(address, "/app/ui.js").status == 403
+    assert get(address, "/app/ui.js", "X-Pass: letmein").status == 200
+    proxy.wait_log("auth saw None None")
+
+
+ORIGIN = "https://novnc.example:8443"
+
+
+@pytest.mark.parametrize(
+    ("origin", "accepted"),
+    [
+        (ORIGIN, True),
+        ("HTTPS://NoVNC.example:8443", True),  # origins compare without regard to case
+        ("https://other.example", True),  # the second value of the comma list
+        ("https://novnc.example", False),  # another port is another origin
+        ("https://evil.example", False),
+        (None, False),
+    ],
+)
+def test_allow_origin(
+    start_proxy: ProxyFactory,
+    echo_server: TcpServer,
+    site: Site,
+    origin: Optional[str],
+    accepted: bool,
+) -> None:
+    allow = (
+        "--allow-origin",
+        ORIGIN + "/",
+        "--allow-origin",
+        "https://a.example, https://other.example",
+    )
+    proxy, address = start_web(start_proxy, site, echo_server.target, *allow)
+    with socket.create_connection(address, timeout=DEADLINE) as sock:
+        client = RawClient(sock)
+        status, _ = client.handshake(headers=[f"Origin: {origin}"] if origin else [])
+        if accepted:
+            assert status == 101
+            client.send(0x2, b"origin ok")
+            assert client.recv_data(9) == b"origin ok"
+        else:
+            assert status == 403
+            assert client.at_eof()
+            proxy.wait_log("is not allowed (--allow-origin)")
+    assert get(address, "/app/ui.js").status == 200  # plain requests carry no Origin check
+
+
+FORWARDED_CASES = [
+    # (header, trusted, what the log names as the client)
+    ("X-Forwarded-For: 203.0.113.9", "127.0.0.0/8", "203.0.113.9 via 127.0.0.1"),
+    # The client may send its own X-Forwarded-For: only the rightmost untrusted entry counts.
+    (
+        "X-Forwarded-For: 198.51.100.66, 203.0.113.9, 127.0.0.7",
+        "127.0.0.1,127.0.0.7",
+        "203.0.113.9 via 127.0.0.1",
+    ),
+    (
+        'Forwarded: for="[2001:db8::17]:4711";proto=https, for=127.0.0.3',
+        "127.0.0.0/8",
+        "2001:db8::17 via 127.0.0.1",
+    ),
+    ("X-Forwarded-For: <script>", "127.0.0.1", "unknown via 127.0.0.1"),
+    ("X-Forwarded-For: 203.0.113.9", "10.0.0.0/8", None),  # the peer is not trusted
+]
+
+
+@pytest.mark.parametrize(("header", "trusted", "client"), FORWARDED_CASES)
+def test_trusted_proxy_logs_the_real_client(
+    start_proxy: ProxyFactory,
+    echo_server: TcpServer,
+    site: Site,
+    header: str,
+    trusted: str,
+    client: Optional[str],
+) -> None:
+    proxy, address = start_web(start_proxy, site, echo_server.target, "--trusted-proxy", trusted)
+    get(address, "/app/ui.js", header)
+    with socket.create_connection(address, timeout=DEADLINE) as sock:
+        assert RawClient(sock).handshake(headers=[header])[0] == 101
+        name = client or "127.0.0.1"
+        proxy.wait_log(f'{name}: "GET /app/ui.js" 200')
+        proxy.wait_log(f"{name}: Plain non-SSL (ws://) WebSocket connection")
+    if client is None:
+        assert "203.0.113.9" not in proxy.log()
+    assert "<script>" not in proxy.log()
+
+
+def test_forwarded_headers_are_ignored_without_trusted_proxy(
+    start_proxy: ProxyFactory, echo_server: TcpServer, site: Site
+) -> None:
+    proxy, address = start_web(start_proxy, site, echo_server.target)
+    get(address, "/app/ui.js", "X-Forwarded-For: 203.0.113.9", "Forwarded: for=203.0.113.9")
+    proxy.wait_log('127.0.0.1: "GET /app/ui.js" 200')
+    assert "203.0.113.9" not in proxy.log()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--allow-origin", "novnc.example"), "--allow-origin: 'novnc.example' is not an origin"),
+        (("--allow-origin", "https://a.example/path"), "is not an origin"),
+        (("--allow-origin", ""), "--allow-origin: '' is not an origin"),
+        (("--trusted-proxy", "10.0.0.0/33"), "--trusted-proxy: '10.0.0.0/33' is not an IP"),
+        (("--trusted-proxy", "proxy.example"), "--trusted-proxy: 'proxy.example' is not an IP"),
+        (("--web-auth", "--web", "."), "--web-auth requires --auth-plugin"),
+    ],
+)
+def test_option_mistakes_are_one_line_and_status_2(
+    start_proxy: ProxyFactory, args: Tuple[str, ...], message: str
+) -> None:
+    listen, _ = listen_args()
+    proxy = start_proxy(*args, listen, "127.0.0.1:1")
+    assert proxy.wait_exit() == 2
+    lines = proxy.log().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("websockify_min.py: error: ")
+    assert message in lines[0]
+
+
+# -- the forwarding headers, sans-IO ----------------------------------------------------------
+
+
+def headers_of(*fields: str) -> http.client.HTTPMessage:
+    return parse_request(
+        ("GET / HTTP/1.1\r\n" + "".join(f + "\r\n" for f in fields) + "\r\n").encode()
+    ).headers
+
+
+@pytest.mark.parametrize(
+    ("fields", "nodes"),
+    [
+        ((), []),
+        (("X-Forwarded-For: 1.2.3.4, 5.6.7.8",), ["1.2.3.4", "5.6.7.8"]),
+        (("X-Forwarded-For: 1.2.3.4", "X-Forwarded-For: , 5.6.7.8"), ["1.2.3.4", "5.6.7.8"]),
+        (
+            ('Forwarded: for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8::1]:80"',),
+            ["192.0.2.60", "[2001:db8::1]:80"],
+        ),
+        (('Forwarded: For="a,b;c", by=x',), ["a,b;c", "unknown"]),
+        (('Forwarded: for="\\"q\\""',), ['"q"']),
+        (("Forwarded: for=1.1.1.1", "X-Forwarded-For: 9.9.9.9"), ["1.1.1.1"]),  # Forwarded wins
+    ],
+)
+def test_forwarded_for(fields: Tuple[str, ...], nodes: List[str]) -> None:
+    assert forwarded_for(headers_of(*fields)) == nodes
+
+
+TRUSTED = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
+
+
+@pytest.mark.parametrize(
+    ("peer", "nodes", "client"),
+    [
+        ("192.0.2.1", ["198.51.100.1"], None),  # an untrusted peer: headers ignored
+        ("10.0.0.1", [], None),  # a trusted peer that names nobody
+        ("10.0.0.1", ["198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.1", ["6.6.6.6", "198.51.100.1", "10.0.0.2"], "198.51.100.1"),
+        ("10.0.0.1", ["10.9.9.9", "10.0.0.2"], "10.9.9.9"),  # all trusted: the first
+        ("10.0.0.1", ["198.51.100.1:5555"], "198.51.100.1"),
+        ("10.0.0.1", ["[2001:db8::5]:80"], "2001:db8::5"),
+        ("10.0.0.1", ["::ffff:198.51.100.1"], "198.51.100.1"),
+        ("fd00::1", ["2001:db8::5"], "2001:db8::5"),
+        ("10.0.0.1", ["_hidden"], "unknown"),
+        ("10.0.0.1", ["198.51.100.1", "garbage"], "unknown"),
+        ("unix", ["198.51.100.1"], None),
+    ],
+)
+def test_real_client(peer: str, nodes: List[str], client: Optional[str]) -> None:
+    assert real_client(peer, nodes, TRUSTED) == client
+
+
+@given(st.text(), st.lists(st.text(max_size=50), max_size=5))
+def test_real_client_names_an_ip_address_or_unknown(peer: str, nodes: List[str]) -> None:
+    client = real_client("10.0.0.1", nodes, TRUSTED)
+    if client is not None and client != "unknown":
+        ipaddress.ip_address(client)
+    real_client(peer, nodes, TRUSTED)
