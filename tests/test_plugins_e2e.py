@@ -13,7 +13,6 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -25,6 +24,8 @@ import pytest
 import trustme
 from conftest import (
     DEADLINE,
+    PROXY_PYTHON,
+    PROXY_SCRIPT,
     REDIS_PASSWORD,
     Proxy,
     ProxyFactory,
@@ -180,6 +181,19 @@ def exchange(ws: ClientConnection) -> str:
     return greeting.decode()
 
 
+def run_proxy(
+    *options: str, target: Sequence[str] = (), env: Optional[Dict[str, str]] = None
+) -> "subprocess.CompletedProcess[str]":
+    """Run the proxy on a free port, for a startup error: it exits at once."""
+    return subprocess.run(
+        [PROXY_PYTHON, str(PROXY_SCRIPT), *options, f"127.0.0.1:{free_port()}", *target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
 class Answer(NamedTuple):
     status: int
     head: str  # status line and header lines
@@ -199,9 +213,10 @@ def request(
     headers: Sequence[str] = (),
     host: str = "localhost",
     tls: Optional[ssl.SSLContext] = None,
+    timeout: float = DEADLINE,
 ) -> Answer:
     """Send a WebSocket upgrade request; read the answer, and for a refusal its body."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     if tls is not None:
         sock = tls.wrap_socket(sock, server_hostname="localhost")
     with sock:
@@ -664,6 +679,13 @@ def test_jwt_rs256_with_jwcrypto(
     key = jwk.JWK.generate(kty="RSA", size=2048)
     public_pem = tmp_path / "public.pem"
     public_pem.write_bytes(key.export_to_pem())
+    probe = [PROXY_PYTHON, "-c", "import jwcrypto.jwk"]
+    if subprocess.run(probe, stderr=subprocess.DEVNULL, timeout=60).returncode != 0:
+        # The proxy's interpreter lacks jwcrypto: then a PEM key is a clear startup error.
+        done = run_proxy("--token-plugin", "JWTTokenApi", "--token-source", str(public_pem))
+        assert done.returncode == 2
+        assert "is a PEM key, which needs jwcrypto (pip install jwcrypto)" in done.stderr
+        return
     proxy, port = proxy_on(
         start_proxy, "--token-plugin", "JWTTokenApi", "--token-source", str(public_pem)
     )
@@ -822,7 +844,8 @@ from websockify.token_plugins import BasePlugin
 
 
 class Table(BasePlugin):
-    """Source: "token=host:port,..."; token "boom" raises, "exit" exits, "slow-X" sleeps."""
+    """Source: "token=host:port,..."; token "boom" raises, "exit" exits, "slow-X" sleeps
+    a little, "hang" a long time."""
 
     def __init__(self, src):
         super().__init__(src)
@@ -836,6 +859,8 @@ class Table(BasePlugin):
         if token.startswith("slow-"):
             time.sleep(SLOW_SECONDS)
             token = token[len("slow-"):]
+        if token == "hang":
+            time.sleep(60)
         if token not in self.table:
             return None
         host, port = self.table[token].rsplit(":", 1)
@@ -1008,11 +1033,54 @@ def test_a_slow_plugin_delays_no_other_client(
     )
 
 
+def test_a_plugin_that_hangs_is_given_up_on(
+    start_proxy: ProxyFactory, targets: Targets, plugin_env: Dict[str, str]
+) -> None:
+    proxy, port = proxy_on(
+        start_proxy,
+        *("--token-plugin", "site_plugins.Table", "--token-source", table(targets, "one")),
+        env=plugin_env,
+    )
+    started = time.monotonic()
+    hung: Dict[str, Answer] = {}
+
+    def hang() -> None:
+        hung["answer"] = refused(port, "/?token=hang", timeout=3 * DEADLINE)
+
+    thread = threading.Thread(target=hang)
+    thread.start()
+    try:
+        proxy.wait_log("Path: '/?token=hang'")
+        assert greeted_by(port, "/websockify?token=one") == "one"  # meanwhile
+    finally:
+        thread.join(3 * DEADLINE)
+    assert not thread.is_alive()
+    answer = hung["answer"]
+    assert answer.status == 504 and "Looking up the target took too long" in answer.body
+    assert time.monotonic() - started >= 10  # LOOKUP_TIMEOUT: given up on, not failed
+    assert greeted_by(port, "/websockify?token=one") == "one"
+
+
+def test_a_token_file_that_vanishes_refuses_with_500(
+    start_proxy: ProxyFactory, targets: Targets, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"vm1: {targets['one'].target}\n")
+    proxy, port = proxy_on(
+        start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens)
+    )
+    assert greeted_by(port, "/websockify?token=vm1") == "one"
+    tokens.unlink()
+    answer = refused(port, "/websockify?token=vm1")
+    assert answer.status == 500 and "Token lookup failed" in answer.body
+    assert "token plugin TokenFile failed for token 'vm1': FileNotFoundError" in proxy.log()
+    tokens.write_text(f"vm1: {targets['two'].target}\n")
+    assert greeted_by(port, "/websockify?token=vm1") == "two"
+
+
 def test_plugin_errors_at_startup_are_one_line_and_exit_2(
     tmp_path: Path, plugin_env: Dict[str, str]
 ) -> None:
-    script = Path(__file__).resolve().parent.parent / "websockify_min.py"
-    python = os.environ.get("WSMIN_PYTHON", sys.executable)
     broken = tmp_path / "plugins" / "broken_plugins.py"
     broken.write_text("raise ImportError('needs libfoo')\n")
     cases = [
@@ -1024,14 +1092,8 @@ def test_plugin_errors_at_startup_are_one_line_and_exit_2(
         (["--auth-plugin", "TokenFile"], "--auth-plugin: TokenFile is for --token-plugin"),
     ]
     for args, message in cases:
-        done = subprocess.run(
-            [python, str(script), *args, f"127.0.0.1:{free_port()}"]
-            + ([] if "--token-plugin" in args else ["127.0.0.1:1"]),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=plugin_env,
-        )
+        target = [] if "--token-plugin" in args else ["127.0.0.1:1"]
+        done = run_proxy(*args, target=target, env=plugin_env)
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, done.stderr)
