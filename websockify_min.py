@@ -2486,6 +2486,8 @@ class Stream(Watched):
         Closing with unread input would reset the connection and could destroy the last
         response before the client reads it. The owner bounds this with a timer.
         """
+        if self._linger:
+            return
         self.reading = False
         self._linger = True
         if not self._out:
@@ -2853,8 +2855,7 @@ class Session:
             self._close_all_after_flush()
         else:
             stream.close()
-            if self.target is not None:
-                self.target.close_when_flushed()
+            self._release_target()
 
     def on_drain(self, stream: Stream) -> None:
         if self.state is not State.RELAY:
@@ -2868,9 +2869,8 @@ class Session:
     def on_closed(self, stream: Stream) -> None:
         if self.state is State.CLOSED:
             return
-        if stream is self.client and self.target is not None and not self.target.closed:
-            # Nothing more can reach the client; the target only gets what is queued.
-            self.target.close_when_flushed()
+        if stream is self.client:
+            self._release_target()  # nothing more can reach the client
         if self.client.closed and (self.target is None or self.target.closed):
             self._finish()
 
@@ -3118,14 +3118,12 @@ class Session:
         if self.state is not State.CLOSING:
             self._set_state(State.CLOSING)
             self._set_deadline(CLOSE_TIMEOUT, self.abort)
-        if self.target is not None:
-            self.target.close_when_flushed()
+        self._release_target()
         self.client.close_when_flushed()
 
     def _close_client(self, code: int, reason: str) -> None:
         """Start the closing handshake from our side (after what is queued for the client)."""
-        if self.target is not None and not self.target.closed:
-            self.target.close_when_flushed()
+        self._release_target()
         if self._close_sent or self.client.closed:
             return
         self.client.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
@@ -3137,6 +3135,21 @@ class Session:
             self.client.linger()  # no well-formed close frame will come back
         else:
             self.client.set_reading(True)  # wait for the client's close frame
+
+    def _release_target(self) -> None:
+        """Send the target what is queued for it, then close it without losing that data.
+
+        Closing a TCP socket that has unread input sends a reset, which destroys whatever
+        the kernel has not delivered yet: so write EOF and discard input until the target
+        closes too (bounded by the session's close deadline). A TLS target gets no EOF
+        without close_notify: it is closed once its queue is flushed."""
+        target = self.target
+        if target is None or target.closed:
+            return
+        if target.tls:
+            target.close_when_flushed()
+        else:
+            target.linger()
 
     def shutdown(self) -> None:
         """The server is stopping: say goodbye (1001) to a WebSocket, drop anything else."""
