@@ -24,6 +24,7 @@ import datetime
 import email.utils
 import enum
 import errno
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -49,6 +50,7 @@ import ssl
 import stat
 import struct
 import sys
+import termios
 import threading
 import time
 import types
@@ -2288,6 +2290,8 @@ class Loop:
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _CONNECT_PENDING = frozenset((errno.EINPROGRESS, errno.EALREADY, errno.EINTR))
 _IOV_MAX = 64  # buffers handed to one sendmsg
+# Bytes a socket's kernel send queue still holds (Linux: SIOCOUTQ); unknown elsewhere.
+_OUTQ_REQUEST = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
 
 class Stream(Watched):
@@ -2470,6 +2474,19 @@ class Stream(Watched):
         self.update()
         if self.queued <= LOW_WATER:
             self.owner.on_drain(self)
+
+    def unsent(self) -> int:
+        """Bytes written to this stream that the peer has not received yet, as far as known."""
+        if self.closed:
+            return 0
+        in_kernel = 0
+        if _OUTQ_REQUEST is not None:
+            try:
+                answer = fcntl.ioctl(self.sock.fileno(), _OUTQ_REQUEST, b"\0\0\0\0")
+                in_kernel = struct.unpack("i", answer)[0]
+            except (OSError, ValueError):
+                pass
+        return self.queued + in_kernel
 
     def close_when_flushed(self) -> None:
         """Close once every queued byte is sent; read nothing more."""
@@ -2796,6 +2813,25 @@ class Session:
             self._timer.cancel()
         self._timer = self.loop.call_later(seconds, lambda: self._guard(on_expiry))
 
+    def _set_close_deadline(self) -> None:
+        """Abort CLOSE_TIMEOUT seconds after closing stops making progress.
+
+        A peer still taking the data queued for it is slow, not gone: cutting it off at a
+        fixed time would lose what it was about to receive."""
+        unsent = self._unsent()
+
+        def expire() -> None:
+            if self._unsent() < unsent:
+                self._set_close_deadline()
+            else:
+                self.abort()
+
+        self._set_deadline(CLOSE_TIMEOUT, expire)
+
+    def _unsent(self) -> int:
+        target = self.target
+        return self.client.unsent() + (target.unsent() if target is not None else 0)
+
     def _guard(self, func: Callable[[], None]) -> None:
         """The session's error boundary for timers and worker results."""
         try:
@@ -3036,7 +3072,7 @@ class Session:
             self.target.close()
         self._set_state(State.CLOSING)
         self.client.linger()
-        self._set_deadline(CLOSE_TIMEOUT, self.abort)
+        self._set_close_deadline()
 
     # -- relay ----------------------------------------------------------------------------
 
@@ -3117,7 +3153,7 @@ class Session:
     def _close_all_after_flush(self) -> None:
         if self.state is not State.CLOSING:
             self._set_state(State.CLOSING)
-            self._set_deadline(CLOSE_TIMEOUT, self.abort)
+            self._set_close_deadline()
         self._release_target()
         self.client.close_when_flushed()
 
@@ -3130,7 +3166,7 @@ class Session:
         self._close_sent = True
         if self.state is not State.CLOSING:
             self._set_state(State.CLOSING)
-        self._set_deadline(CLOSE_TIMEOUT, self.abort)
+        self._set_close_deadline()
         if self._decoder is None or code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self.client.linger()  # no well-formed close frame will come back
         else:
