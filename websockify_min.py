@@ -24,6 +24,7 @@ import datetime
 import email.utils
 import enum
 import errno
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -50,6 +51,7 @@ import ssl
 import stat
 import struct
 import sys
+import termios
 import threading
 import time
 import types
@@ -2361,6 +2363,8 @@ class Loop:
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _CONNECT_PENDING = frozenset((errno.EINPROGRESS, errno.EALREADY, errno.EINTR))
 _IOV_MAX = 64  # buffers handed to one sendmsg
+# Bytes a socket's kernel send queue still holds (Linux: SIOCOUTQ); unknown elsewhere.
+_OUTQ_REQUEST = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
 
 class Stream(Watched):
@@ -2544,6 +2548,19 @@ class Stream(Watched):
         if self.queued <= LOW_WATER:
             self.owner.on_drain(self)
 
+    def unsent(self) -> int:
+        """Bytes written to this stream that the peer has not received yet, as far as known."""
+        if self.closed:
+            return 0
+        in_kernel = 0
+        if _OUTQ_REQUEST is not None:
+            try:
+                answer = fcntl.ioctl(self.sock.fileno(), _OUTQ_REQUEST, b"\0\0\0\0")
+                in_kernel = struct.unpack("i", answer)[0]
+            except (OSError, ValueError):
+                pass
+        return self.queued + in_kernel
+
     def close_when_flushed(self) -> None:
         """Close once every queued byte is sent; read nothing more."""
         self.reading = False
@@ -2559,6 +2576,8 @@ class Stream(Watched):
         Closing with unread input would reset the connection and could destroy the last
         response before the client reads it. The owner bounds this with a timer.
         """
+        if self._linger:
+            return
         self.reading = False
         self._linger = True
         if not self._out:
@@ -2873,6 +2892,25 @@ class Session:
             self._timer.cancel()
         self._timer = self.loop.call_later(seconds, lambda: self._guard(on_expiry))
 
+    def _set_close_deadline(self) -> None:
+        """Abort CLOSE_TIMEOUT seconds after closing stops making progress.
+
+        A peer still taking the data queued for it is slow, not gone: cutting it off at a
+        fixed time would lose what it was about to receive."""
+        unsent = self._unsent()
+
+        def expire() -> None:
+            if self._unsent() < unsent:
+                self._set_close_deadline()
+            else:
+                self.abort()
+
+        self._set_deadline(CLOSE_TIMEOUT, expire)
+
+    def _unsent(self) -> int:
+        target = self.target
+        return self.client.unsent() + (target.unsent() if target is not None else 0)
+
     def _guard(self, func: Callable[[], None]) -> None:
         """The session's error boundary for timers and worker results."""
         try:
@@ -2937,8 +2975,7 @@ class Session:
             self._close_all_after_flush()
         else:
             stream.close()
-            if self.target is not None:
-                self.target.close_when_flushed()
+            self._release_target()
 
     def on_drain(self, stream: Stream) -> None:
         if self.state is State.WEB and stream is self.client:
@@ -2955,9 +2992,8 @@ class Session:
     def on_closed(self, stream: Stream) -> None:
         if self.state is State.CLOSED:
             return
-        if stream is self.client and self.target is not None and not self.target.closed:
-            # Nothing more can reach the client; the target only gets what is queued.
-            self.target.close_when_flushed()
+        if stream is self.client:
+            self._release_target()  # nothing more can reach the client
         if self.client.closed and (self.target is None or self.target.closed):
             self._finish()
 
@@ -3254,7 +3290,7 @@ class Session:
             self.target.close()
         self._set_state(State.CLOSING)
         self.client.linger()
-        self._set_deadline(CLOSE_TIMEOUT, self.abort)
+        self._set_close_deadline()
 
     # -- relay ----------------------------------------------------------------------------
 
@@ -3335,26 +3371,39 @@ class Session:
     def _close_all_after_flush(self) -> None:
         if self.state is not State.CLOSING:
             self._set_state(State.CLOSING)
-            self._set_deadline(CLOSE_TIMEOUT, self.abort)
-        if self.target is not None:
-            self.target.close_when_flushed()
+            self._set_close_deadline()
+        self._release_target()
         self.client.close_when_flushed()
 
     def _close_client(self, code: int, reason: str) -> None:
         """Start the closing handshake from our side (after what is queued for the client)."""
-        if self.target is not None and not self.target.closed:
-            self.target.close_when_flushed()
+        self._release_target()
         if self._close_sent or self.client.closed:
             return
         self.client.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
         self._close_sent = True
         if self.state is not State.CLOSING:
             self._set_state(State.CLOSING)
-        self._set_deadline(CLOSE_TIMEOUT, self.abort)
+        self._set_close_deadline()
         if self._decoder is None or code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self.client.linger()  # no well-formed close frame will come back
         else:
             self.client.set_reading(True)  # wait for the client's close frame
+
+    def _release_target(self) -> None:
+        """Send the target what is queued for it, then close it without losing that data.
+
+        Closing a TCP socket that has unread input sends a reset, which destroys whatever
+        the kernel has not delivered yet: so write EOF and discard input until the target
+        closes too (bounded by the session's close deadline). A TLS target gets no EOF
+        without close_notify: it is closed once its queue is flushed."""
+        target = self.target
+        if target is None or target.closed:
+            return
+        if target.tls:
+            target.close_when_flushed()
+        else:
+            target.linger()
 
     def shutdown(self) -> None:
         """The server is stopping: say goodbye (1001) to a WebSocket, drop anything else."""
