@@ -153,19 +153,31 @@ def vnc_desktop(tmp_path: Path) -> Iterator[Callable[[Colour], VncDesktop]]:
 
 
 class RfbReader:
-    """Exact reads from a WebSocket whose messages split the RFB stream anywhere."""
+    """Exact reads from an RFB byte stream that arrives in chunks split anywhere."""
 
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
+    def __init__(self, receive: Callable[[], bytes]) -> None:
+        self.receive = receive
         self.buffer = b""
 
     def read(self, size: int) -> bytes:
         while len(self.buffer) < size:
-            message = self.ws.recv(DEADLINE)
-            assert isinstance(message, bytes), "VNC data must come as binary messages"
-            self.buffer += message
+            try:
+                self.buffer += self.receive()
+            except StopIteration:
+                raise AssertionError(
+                    f"the RFB stream ends {size - len(self.buffer)} bytes early"
+                ) from None
         data, self.buffer = self.buffer[:size], self.buffer[size:]
         return data
+
+
+def binary_messages(ws: ClientConnection) -> Callable[[], bytes]:
+    def receive() -> bytes:
+        message = ws.recv(DEADLINE)
+        assert isinstance(message, bytes), "VNC data must come as binary messages"
+        return message
+
+    return receive
 
 
 class ServerInit(NamedTuple):
@@ -174,15 +186,15 @@ class ServerInit(NamedTuple):
     name: str
 
 
-def rfb_handshake(ws: ClientConnection, reader: RfbReader) -> ServerInit:
+def rfb_handshake(reader: RfbReader, send: Callable[[bytes], None]) -> ServerInit:
     """RFB 3.8 with security type None, a shared session (RFC 6143, 7.1-7.3)."""
     assert reader.read(12) == b"RFB 003.008\n"
-    ws.send(b"RFB 003.008\n")
+    send(b"RFB 003.008\n")
     (count,) = struct.unpack("!B", reader.read(1))
     assert 1 in reader.read(count), "the server offers no security type None"
-    ws.send(b"\x01")
+    send(b"\x01")
     assert reader.read(4) == b"\x00\x00\x00\x00", "SecurityResult is not OK"
-    ws.send(b"\x01")  # ClientInit: shared
+    send(b"\x01")  # ClientInit: shared
     width, height = struct.unpack("!HH", reader.read(4))
     reader.read(16)  # the server's pixel format: replaced below
     (name_length,) = struct.unpack("!I", reader.read(4))
@@ -221,8 +233,8 @@ def test_vnc_desktop_through_the_proxy(
     port = free_port()
     start_proxy(f"127.0.0.1:{port}", desktop.target, listen=("127.0.0.1", port))
     with connect(f"ws://127.0.0.1:{port}/websockify", subprotocols=["binary"]) as ws:  # type: ignore[list-item]
-        reader = RfbReader(ws)
-        init = rfb_handshake(ws, reader)
+        reader = RfbReader(binary_messages(ws))
+        init = rfb_handshake(reader, ws.send)
         assert (init.width, init.height, init.name) == (*GEOMETRY, "websockify_min")
         screen = read_frame_buffer(ws, reader, init.width, init.height)
     red, green, blue = BLUE
@@ -553,3 +565,47 @@ def test_novnc_token_file_routes_each_token_to_its_desktop(
     wait_for_desktop(orange_page, ORANGE, absent=[BLUE])
     blue_page.close()
     orange_page.close()
+
+
+def test_novnc_session_recording_reads_back_in_javascript(
+    start_proxy: ProxyFactory,
+    vnc_desktop: Callable[[Colour], VncDesktop],
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    """--record of the browser session: node loads the file as noVNC's playback does, and the
+    bytes it gives back are that session's RFB handshake, both ways."""
+    node = need_program("node", "nodejs")
+    desktop = vnc_desktop(BLUE)
+    record = tmp_path / "session"
+    novnc = start_novnc_proxy(start_proxy, "--record", str(record), target=desktop.target)
+    page = browser.open(novnc_url(novnc.page, novnc.port))
+    wait_for_desktop(page, BLUE)
+    page.close()
+
+    def recording_closed() -> bool:
+        files = list(tmp_path.glob("session.*"))
+        return len(files) == 1 and files[0].read_text().endswith("'EOF'];\n")
+
+    wait_until(recording_closed, "the session's record file to be closed")
+    (path,) = tmp_path.glob("session.*")
+    result = subprocess.run(
+        [node, str(Path(__file__).parent / "record_frames.js"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    replay = json.loads(result.stdout)
+    to_client = base64.b64decode(replay["toClient"])
+    from_client = io.BytesIO(base64.b64decode(replay["fromClient"]))
+
+    def sent_by_client(data: bytes) -> None:
+        assert from_client.read(len(data)) == data
+
+    server = RfbReader(iter([to_client]).__next__)
+    init = rfb_handshake(server, sent_by_client)
+    assert (init.width, init.height, init.name) == (*GEOMETRY, "websockify_min")
+    # Then noVNC sets its pixel format and encodings, and the server sends the desktop.
+    assert from_client.read(1) in (b"\x00", b"\x02"), "no SetPixelFormat or SetEncodings"
+    assert server.buffer, "nothing was recorded from the server after its ServerInit"
