@@ -7,12 +7,14 @@ import http.client
 import ipaddress
 import os
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
+import trustme
 from conftest import (
     DEADLINE,
     Proxy,
@@ -346,6 +348,10 @@ def test_every_traversal_trick_is_refused_and_logged(
     log = proxy.log()
     assert log.count("path refused") == len(TRAVERSALS)
     assert "SECRET" not in log
+    # A file system path is a path under the root like any other: not found there.
+    for absolute in (str(site.secret), "/" + str(site.secret)):
+        response = get(address, absolute)
+        assert response.status == 404 and b"SECRET" not in response.body
     assert get(address, "/app/ui.js").status == 200  # and the proxy still serves
 
 
@@ -716,3 +722,23 @@ def test_real_client_names_an_ip_address_or_unknown(peer: str, nodes: List[str])
     if client is not None and client != "unknown":
         ipaddress.ip_address(client)
     real_client(peer, nodes, TRUSTED)
+
+
+def test_https_and_wss_on_one_port(
+    start_proxy: ProxyFactory, echo_server: TcpServer, site: Site, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    _, address = start_web(start_proxy, site, echo_server.target, "--cert", str(pem))
+    conn = http.client.HTTPSConnection(*address, timeout=DEADLINE, context=context)
+    for path in sorted(site.sums):
+        conn.request("GET", path)
+        body = conn.getresponse().read()
+        assert hashlib.sha256(body).hexdigest() == site.sums[path]
+    conn.close()
+    with connect(f"wss://127.0.0.1:{address[1]}/", ssl=context) as ws:
+        ws.send(b"secure")
+        assert ws.recv(DEADLINE) == b"secure"
