@@ -3050,10 +3050,10 @@ class Session:
                 self._socket_peer, forwarded_for(request.headers), self.server.trusted_proxies
             )
             self.peer = self._socket_peer if real is None else f"{real} via {self._socket_peer}"
-        if not is_upgrade(request) and self.server.web_root is not None:
-            self._start_web(request)
-            return
         if not is_upgrade(request):
+            if self.server.web_root is not None:
+                self._start_web(request)
+                return
             raise HandshakeError(
                 426 if request.method in ("GET", "HEAD") else 405,
                 "This is a WebSocket endpoint",
