@@ -335,6 +335,7 @@ TRAVERSALS = [
 ]
 
 
+@pytest.mark.smoke  # realpath and unquote differ between Python versions: check them all
 def test_every_traversal_trick_is_refused_and_logged(
     start_proxy: ProxyFactory, echo_server: TcpServer, site: Site
 ) -> None:
@@ -549,6 +550,41 @@ def test_web_auth_plugin_sees_the_request_and_no_target_with_tokens(
     assert get(address, "/app/ui.js").status == 403
     assert get(address, "/app/ui.js", "X-Pass: letmein").status == 200
     proxy.wait_log("auth saw None None")
+
+
+def test_a_slow_web_auth_plugin_holds_up_no_one(
+    start_proxy: ProxyFactory, echo_server: TcpServer, site: Site, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "slow.py").write_text(
+        "import os, time\n"
+        "class Slow:\n"
+        "    def __init__(self, src):\n"
+        "        self.release = src\n"
+        "    def authenticate(self, headers, target_host, target_port):\n"
+        "        if headers.get('X-Slow'):\n"
+        "            print('plugin waiting', flush=True)\n"
+        "            deadline = time.monotonic() + 30\n"
+        "            while not os.path.exists(self.release) and time.monotonic() < deadline:\n"
+        "                time.sleep(0.01)\n"
+    )
+    listen, address = listen_args()
+    proxy = start_proxy(
+        "--web", str(site.root), "--web-auth", "--auth-plugin", "slow.Slow",
+        "--auth-source", str(release), listen, echo_server.target, listen=address,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "plugins")},
+    )  # fmt: skip
+    with socket.create_connection(address, timeout=DEADLINE) as slow:
+        slow.sendall(b"GET /app/ui.js HTTP/1.1\r\nX-Slow: 1\r\n\r\n")
+        proxy.wait_log("plugin waiting")
+        # The plugin holds its worker until released: everyone else is served meanwhile.
+        assert get(address, "/app/ui.js").status == 200
+        with connect(ws_url(address)) as ws:
+            ws.send(b"not held up")
+            assert ws.recv(DEADLINE) == b"not held up"
+        release.touch()
+        assert read_response(RawClient(slow)).status == 200
 
 
 ORIGIN = "https://novnc.example:8443"
