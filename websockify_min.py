@@ -3252,7 +3252,7 @@ class Session:
         if not self._keep_alive:
             self._set_state(State.CLOSING)
             self.client.linger()
-            self._set_deadline(CLOSE_TIMEOUT, self.abort)
+            self._set_close_deadline()
             return
         self._set_state(State.READ_REQUEST)
         self._set_deadline(self.server.options.handshake_timeout, self._on_handshake_timeout)
