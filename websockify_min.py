@@ -26,6 +26,7 @@ import enum
 import errno
 import fcntl
 import functools
+import grp
 import hashlib
 import heapq
 import hmac
@@ -41,6 +42,7 @@ import logging
 import math
 import mimetypes
 import os
+import pwd
 import queue
 import re
 import resource
@@ -570,6 +572,11 @@ class FrameDecoder:
             if not events:
                 raise
         return events
+
+    @property
+    def partial(self) -> bool:
+        """Whether the bytes fed so far end inside a frame."""
+        return bool(self._head) or self._left > 0
 
     def check(self) -> None:
         """Raise the violation found behind the events feed() last returned, if any."""
@@ -3145,6 +3152,7 @@ class Session:
         log.info("%s: %s", self.peer, reason)
         self.client.write(self._accept)
         self._set_state(State.RELAY)
+        self.server.on_relay_started(self)  # a WebSocket all the same, for --run-once
         self._close_client(CloseCode.INTERNAL_ERROR, reason)
 
     def _on_target_ready(self) -> None:
@@ -3298,9 +3306,10 @@ class Session:
         decoder = self._decoder
         assert decoder is not None
         self._missed_pongs = 0
+        frames = decoder.feed(data)
         if self._traffic:
-            _traffic_mark("}")
-        for frame in decoder.feed(data):
+            _traffic_mark("}." if decoder.partial else "}")
+        for frame in frames:
             opcode = frame.opcode
             if opcode in (OP_BINARY, OP_TEXT):
                 if self.state is State.RELAY and self.target is not None and frame.payload:
@@ -3308,7 +3317,7 @@ class Session:
                     if self._recorder is not None:
                         self._recorder.add("}", frame.payload)
                     if self._traffic:
-                        _traffic_mark(">")
+                        _traffic_mark(">." if self.target.queued else ">")
             elif opcode == OP_PING:
                 if not self._close_sent:
                     self.client.write(encode_frame(OP_PONG, bytes(frame.payload)))
@@ -3327,7 +3336,7 @@ class Session:
             _traffic_mark("{")
         self.client.write_frame(OP_BINARY, data)
         if self._traffic:
-            _traffic_mark("<")
+            _traffic_mark("<." if self.client.queued else "<")
         if self._recorder is not None:
             self._recorder.add("{", data)
         if self.client.queued > HIGH_WATER or self._record_congested():
@@ -3435,6 +3444,20 @@ class Session:
         return str(self._target.target) if self._target is not None else "?"
 
 
+# Upstream's legend, logged at startup with --traffic; a dot: only part could be sent now.
+_TRAFFIC_LEGEND = (
+    "Traffic Legend:",
+    "    } - Client receive",
+    "    }. - Client receive partial",
+    "    { - Target receive",
+    "",
+    "    > - Target send",
+    "    >. - Target send partial",
+    "    < - Client send",
+    "    <. - Client send partial",
+)
+
+
 def _traffic_mark(mark: str) -> None:
     sys.stdout.write(mark)
     sys.stdout.flush()
@@ -3540,11 +3563,8 @@ class Server:
     def serve_forever(self) -> int:
         """Serve until stopped (SIGTERM/SIGINT in the main thread); return the exit status."""
         self.bind()
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        if in_main_thread:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self.loop.add_signal_handler(signum, self.shutdown)
-            self.loop.add_signal_handler(signal.SIGHUP, self.reopen_log_files)
+        if threading.current_thread() is threading.main_thread():
+            self.handle_signals()
         try:
             self._start_serving()
             self._started.set()
@@ -3579,6 +3599,20 @@ class Server:
         for session in list(self._sessions.values()):
             session.shutdown()
         self._wind_down()
+
+    def handle_signals(self) -> None:
+        """SIGTERM and SIGINT shut down gracefully, SIGHUP reopens the log files.
+
+        Main thread only. A signal that comes before serve_forever runs waits for it, so
+        a process may be stopped as soon as it listens.
+        """
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self.shutdown)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reopen_log_files)
+
+    def close(self) -> None:
+        """Release the listeners and the loop of a server that will not serve (startup error)."""
+        self._close()
 
     def reopen_log_files(self) -> None:
         """SIGHUP: reopen --log-file by its name (after logrotate moved it); never stop."""
@@ -3635,6 +3669,9 @@ class Server:
 
     def _start_serving(self) -> None:
         options = self.options
+        if options.traffic:
+            for line in _TRAFFIC_LEGEND:
+                log.info("%s", line)
         for listener in self._listeners:
             listener.sock.setblocking(False)
         self._resume_accepting()
@@ -3977,19 +4014,20 @@ def make_server_context(options: "Options") -> Optional[ssl.SSLContext]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_minimum_version(context, options.ssl_version)
     key_file = options.key or cert
+    flag, key_password = _key_password(options)
     asked_password = []
 
     def password() -> bytes:  # a callback: OpenSSL would otherwise prompt on the terminal
         asked_password.append(True)
-        if options.key_password is None:
+        if key_password is None:
             raise ConfigError(f"--key-password: the key in {key_file!r} is encrypted")
-        return options.key_password.encode()
+        return key_password
 
     try:
         context.load_cert_chain(cert, options.key or None, password)
     except (OSError, ssl.SSLError) as exc:
         if asked_password:
-            raise ConfigError(f"--key-password: wrong password for {key_file!r}") from None
+            raise ConfigError(f"{flag}: wrong password for {key_file!r}") from None
         raise ConfigError(f"--cert/--key: cannot load {cert!r}: {_strerror(exc)}") from None
     if options.ssl_ciphers:
         try:
@@ -4008,6 +4046,34 @@ def make_server_context(options: "Options") -> Optional[ssl.SSLContext]:
                 f"--cafile: cannot load {options.cafile!r}: {_strerror(exc)}"
             ) from None
     return context
+
+
+def _key_password(options: "Options") -> Tuple[str, Optional[bytes]]:
+    """The key password and the flag that gave it: the command line, a file or a variable.
+
+    A file holds the password alone; one line end after it is not part of it.
+    """
+    if options.key_password_file:
+        path = options.key_password_file
+        try:
+            with open(path, "rb") as file:
+                secret = file.read()
+        except OSError as exc:
+            raise ConfigError(
+                f"--key-password-file: cannot read {path}: {_strerror(exc)}"
+            ) from None
+        if secret.endswith(b"\n"):
+            secret = secret[:-2] if secret.endswith(b"\r\n") else secret[:-1]
+        return "--key-password-file", secret
+    if options.key_password_env:
+        name = options.key_password_env
+        value = os.environ.get(name)
+        if value is None:
+            raise ConfigError(f"--key-password-env: the environment has no {name}")
+        return "--key-password-env", os.fsencode(value)
+    if options.key_password is not None:
+        return "--key-password", options.key_password.encode()
+    return "--key-password", None
 
 
 def make_target_context(options: "Options") -> ssl.SSLContext:
@@ -4089,6 +4155,11 @@ class Options(NamedTuple):
     connect_timeout: float = CONNECT_TIMEOUT
     allow_origin: Tuple[str, ...] = ()
     trusted_proxy: Tuple[str, ...] = ()
+    pid_file: Optional[str] = None
+    user: Optional[str] = None
+    group: Optional[str] = None
+    key_password_file: Optional[str] = None
+    key_password_env: Optional[str] = None
 
 
 _USAGE = """
@@ -4098,7 +4169,7 @@ _USAGE = """
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
 
 # Options that parse but whose feature this build does not have: refused with a clear error.
-_NOT_YET = ("daemon", "wrap_cmd")
+_NOT_YET = ("wrap_cmd",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -4254,6 +4325,11 @@ def _build_parser() -> _Parser:
         metavar="SECONDS",
         help="time to reach the target, all its addresses together (default 10)",
     )
+    add("--pid-file", metavar="FILE", help="write the process id to FILE; removed at exit")
+    add("--user", metavar="NAME", help="run as this user once listening (start as root)")
+    add("--group", metavar="NAME", help="run as this group once listening (start as root)")
+    add("--key-password-file", metavar="FILE", help="read the TLS key password from FILE")
+    add("--key-password-env", metavar="VAR", help="read the TLS key password from $VAR")
     add("args", nargs="*", help=argparse.SUPPRESS)
     return parser
 
@@ -4325,6 +4401,11 @@ def parse_args(argv: Sequence[str]) -> Options:
         (ns.ssl_target_cafile and not ns.ssl_target, "--ssl-target-cafile requires --ssl-target"),
         (ns.cafile and not ns.verify_client, "--cafile requires --verify-client"),
         (ns.ssl_only and not os.path.exists(ns.cert), f"--ssl-only: {ns.cert!r} not found"),
+        (
+            sum(x is not None for x in (ns.key_password, ns.key_password_file, ns.key_password_env))
+            > 1,
+            "--key-password, --key-password-file and --key-password-env cannot be combined",
+        ),
     )
     for failed, message in checks:
         if failed:
@@ -4354,6 +4435,11 @@ def _syslog_severity(level: int) -> int:
     return 6 if level >= logging.INFO else 7
 
 
+def _is_udp_syslog(server: str) -> bool:
+    """--syslog host:port is UDP; anything else (/dev/log) is a unix socket path."""
+    return "/" not in server and ":" in server
+
+
 class _SyslogHandler(logging.Handler):
     """Log records as syslog datagrams: RFC 5424 lines, or RFC 3164 (BSD) with *legacy*.
 
@@ -4370,7 +4456,7 @@ class _SyslogHandler(logging.Handler):
         self.dropped = 0
         self.hostname = "".join(socket.gethostname().split()) or "-"
         self.address: Any = server
-        if "/" not in server and ":" in server:
+        if _is_udp_syslog(server):
             host, port = _split_address(server, "--syslog")
             try:
                 family, _, _, _, self.address = socket.getaddrinfo(
@@ -4458,22 +4544,222 @@ def configure_logging(options: Options) -> None:
         log.addHandler(to_syslog)
 
 
+# -- running as a service ----------------------------------------------------------------
+
+_PATH_OPTIONS = (
+    "cert",
+    "key",
+    "cafile",
+    "ssl_target_cafile",
+    "web",
+    "record",
+    "log_file",
+    "pid_file",
+    "key_password_file",
+    "unix_listen",
+    "unix_target",
+)
+
+
+def _absolute_paths(options: Options) -> Options:
+    """*options* with every relative path made absolute, as a daemon works from /.
+
+    Plugin sources and --syslog count as paths when they name something that exists.
+    """
+    changes: Dict[str, Any] = {}
+    for name in _PATH_OPTIONS:
+        value = getattr(options, name)
+        if value:
+            changes[name] = os.path.abspath(value)
+    for name in ("token_source", "auth_source", "syslog"):
+        value = getattr(options, name)
+        udp = name == "syslog" and value and _is_udp_syslog(value)
+        if value and not udp and not os.path.isabs(value) and os.path.exists(value):
+            changes[name] = os.path.abspath(value)
+    return options._replace(**changes)
+
+
+def _daemonize() -> int:
+    """Become a daemon: fork, new session, fork, work from /; return the readiness pipe.
+
+    The original process does not return: it waits on the pipe and exits 0 when the
+    daemon writes "ready" (its listeners are bound), or prints the error the daemon
+    sends and exits 2, so a script can connect as soon as it gets its prompt back.
+    """
+    read_end, write_end = os.pipe()
+    first = os.fork()
+    if first:
+        os.close(write_end)
+        os.waitpid(first, 0)  # it exits at once, leaving the daemon to init
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.readline().decode("utf-8", "replace").rstrip("\n")
+        if report == "ready":
+            os._exit(0)
+        if not report.startswith("error: "):
+            report = "error: the daemon exited before it was ready"
+        sys.stderr.write(f"websockify_min.py: {report}\n")
+        sys.stderr.flush()
+        os._exit(2)
+    os.close(read_end)
+    os.setsid()  # no controlling terminal: a closing shell cannot hang us up
+    if os.fork():
+        os._exit(0)  # the daemon is not a session leader: it can never get a terminal again
+    os.chdir("/")
+    return write_end
+
+
+def _tell_parent(pipe: int, report: str) -> None:
+    """Send the waiting parent "ready" or "error: ..." and close the pipe."""
+    with contextlib.suppress(OSError):
+        os.write(pipe, report.encode("utf-8", "replace") + b"\n")
+    os.close(pipe)
+
+
+def _detach_stdio() -> None:
+    """Point standard input, output and error at /dev/null (logging goes on to files)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _write_pid_file(path: str) -> None:
+    """Write our pid to *path*, unless it names another process that is still running."""
+    try:
+        with open(path) as file:
+            old = int(file.read().strip() or 0)
+    except (OSError, ValueError):
+        old = 0
+    if old and old != os.getpid() and _process_exists(old):
+        raise ConfigError(f"--pid-file: {path} names process {old}, which is running")
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as file:
+            file.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)  # never a half-written pid file
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise ConfigError(f"--pid-file: cannot write {path}: {_strerror(exc)}") from None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _remove_pid_file(path: str) -> None:
+    """Remove *path* if it still holds our pid."""
+    try:
+        with open(path) as file:
+            if file.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except OSError as exc:
+        log.warning("--pid-file: cannot remove %s: %s", path, _strerror(exc))
+
+
+class _Identity(NamedTuple):
+    """Who --user/--group make the proxy: a uid (None: keep it) and a gid."""
+
+    uid: Optional[int]
+    gid: int
+    user: Optional[str]  # the user name, for its supplementary groups
+
+
+def _identity(user: Optional[str], group: Optional[str]) -> Optional[_Identity]:
+    """Look up --user and --group (names or numbers); None when neither is given.
+
+    Checked before anything starts, so a mistake is one line and exit status 2.
+    """
+    if not user and not group:
+        return None
+    if os.geteuid() != 0:
+        flag = "--user" if user else "--group"
+        raise ConfigError(f"{flag}: changing user needs root (running as uid {os.geteuid()})")
+    uid, gid, name = None, os.getgid(), None
+    if user:
+        try:
+            account = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError(f"--user: no such user: {user!r}") from None
+        uid, gid, name = account.pw_uid, account.pw_gid, account.pw_name
+    if group:
+        try:
+            gid = (grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)).gr_gid
+        except KeyError:
+            raise ConfigError(f"--group: no such group: {group!r}") from None
+    return _Identity(uid, gid, name)
+
+
+def _drop_privileges(identity: _Identity) -> None:
+    """Become *identity*: supplementary groups, then gid, then uid (the order that works).
+
+    Done once the listeners are bound and the certificate, keys and plugins are loaded,
+    so those may be readable by root alone.
+    """
+    try:
+        if identity.user is not None:
+            os.initgroups(identity.user, identity.gid)  # the user's own supplementary groups
+        else:
+            os.setgroups([])
+        os.setgid(identity.gid)
+        if identity.uid is not None:
+            os.setuid(identity.uid)
+    except OSError as exc:
+        raise ConfigError(f"--user/--group: cannot switch: {_strerror(exc)}") from None
+    log.info("running as uid %d, gid %d", os.getuid(), os.getgid())
+
+
 # === 13. main ===
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the proxy with *argv* (default: ``sys.argv[1:]``); return the exit status."""
+    ready_pipe: Optional[int] = None
+    pid_file: Optional[str] = None
+    server: Optional[Server] = None
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
-        configure_logging(options)
+        if options.daemon:
+            options = _absolute_paths(options)
+        identity = _identity(options.user, options.group)
+        configure_logging(options)  # before forking: the daemon keeps the log file open
         if options.libserver:
             log.info("--libserver is accepted for compatibility and has no effect")
+        if options.daemon:
+            ready_pipe = _daemonize()
         server = Server(options)
+        server.handle_signals()
+        if options.pid_file:  # before listening: whoever can connect can read the pid
+            _write_pid_file(options.pid_file)
+            pid_file = options.pid_file
         server.bind()
+        if identity is not None:
+            _drop_privileges(identity)
     except ConfigError as exc:
-        print(f"websockify_min.py: error: {exc}", file=sys.stderr)
+        if pid_file:
+            _remove_pid_file(pid_file)
+        if server is not None:
+            server.close()  # nobody may connect to a proxy that is not going to serve
+        if ready_pipe is not None:
+            _tell_parent(ready_pipe, f"error: {exc}")
+        else:
+            print(f"websockify_min.py: error: {exc}", file=sys.stderr)
         return 2
-    return server.serve_forever()
+    if ready_pipe is not None:
+        _detach_stdio()
+        _tell_parent(ready_pipe, "ready")
+    try:
+        return server.serve_forever()
+    finally:
+        if pid_file:
+            _remove_pid_file(pid_file)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,20 @@
 
 import base64
 import datetime
+import grp
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
+import threading
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 import trustme
@@ -20,6 +24,8 @@ from conftest import (
     ProxyFactory,
     RawClient,
     TcpServer,
+    can_connect,
+    client_frame,
     echo_checksummed,
     free_port,
     wait_until,
@@ -413,3 +419,361 @@ def test_syslog_that_cannot_work_is_a_startup_error(
     assert proxy.wait_exit() == 2
     output = proxy.log().strip()
     assert len(output.splitlines()) == 1 and message in output, output
+
+
+# -- daemon and pid file --------------------------------------------------------------------
+
+
+def process_gone(pid: int) -> bool:
+    """True once *pid* has exited (a daemon is not our child: init may leave it a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def kill_daemon(pid_file: Path) -> None:
+    """Stop a daemon a failed test may have left running, by the pid in its pid file."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    if not process_gone(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_daemon_serves_once_the_parent_exits_and_stops_by_its_pid_file(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    pid_file = work / "proxy.pid"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        listen, address = listen_args()
+        parent = start_proxy(
+            "-D",
+            "--pid-file", "proxy.pid",  # relative paths: the daemon works from /
+            "--log-file", "proxy.log",
+            "--record", "rec",
+            "--syslog", f"127.0.0.1:{receiver.getsockname()[1]}",
+            listen, echo_server.target,
+            cwd=work,
+        )  # fmt: skip
+        try:
+            assert parent.wait_exit() == 0, parent.log()
+            with connect(ws_url(address, "/daemon")) as ws:  # no waiting: it is listening
+                ws.send(b"from a daemon")
+                assert ws.recv(DEADLINE) == b"from a daemon"
+            pid = int(pid_file.read_text())
+            assert pid != parent.pid
+            assert os.readlink(f"/proc/{pid}/cwd") == "/"
+            assert os.getsid(pid) != os.getsid(0) and os.getsid(pid) != pid
+            for fd in (0, 1, 2):
+                assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+            lines = receive_lines(receiver, "client closed")
+            messages = [check_rfc5424(line, pid, facility=3) for line in lines]
+            assert any("/daemon" in m for m in messages)
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: process_gone(pid), "the daemon to exit")
+        finally:
+            kill_daemon(pid_file)
+    assert not pid_file.exists()
+    assert "/daemon" in (work / "proxy.log").read_text()
+    (record,) = record_files(work / "rec")
+    assert directions(read_record(record)) == (b"from a daemon", b"from a daemon")
+    assert parent.log() == ""  # the terminal gets nothing from a daemon that started well
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--heartbeat", "soon"], "--heartbeat"),  # found before forking
+        (["--cert", "/nonexistent.pem", "--ssl-only"], "--ssl-only"),
+        (["--key-password-file", "/nonexistent/pw", "--cert", "{pem}"], "--key-password-file"),
+        (["--pid-file", "{busy_pid_file}"], "names process"),
+        (["--user", "no-such-user-here"], "--user: no such user"),
+    ],
+)
+def test_daemon_that_cannot_start_prints_the_error_and_exits_2(
+    start_proxy: ProxyFactory,
+    tmp_path: Path,
+    server_pem: Tuple[Path, trustme.CA],
+    args: List[str],
+    message: str,
+) -> None:
+    busy_pid_file = tmp_path / "busy.pid"
+    busy_pid_file.write_text(f"{os.getpid()}\n")  # a process that is running: this one
+    args = [a.format(pem=server_pem[0], busy_pid_file=busy_pid_file) for a in args]
+    listen, address = listen_args()
+    proxy = start_proxy("-D", *args, listen, "127.0.0.1:1")
+    assert proxy.wait_exit() == 2
+    output = proxy.log().strip()
+    assert len(output.splitlines()) == 1 and message in output, output
+    assert output.startswith("websockify_min.py: error: ")
+    assert not can_connect(address)  # no daemon was left behind
+    assert busy_pid_file.read_text() == f"{os.getpid()}\n"
+
+
+def test_daemon_listen_port_in_use_is_reported_by_the_parent(start_proxy: ProxyFactory) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        proxy = start_proxy("-D", f"127.0.0.1:{busy.getsockname()[1]}", "127.0.0.1:1")
+        assert proxy.wait_exit() == 2
+        output = proxy.log().strip()
+        assert len(output.splitlines()) == 1 and "cannot listen" in output, output
+
+
+def test_pid_file_without_daemon(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "fg.pid"
+    stale = 2**22 + 1  # above pid_max's ceiling: no such process can exist
+    pid_file.write_text(f"{stale}\n")  # left by a proxy that died: overwritten
+    listen, address = listen_args()
+    proxy = start_proxy("--pid-file", str(pid_file), listen, echo_server.target, listen=address)
+    assert pid_file.read_text() == f"{proxy.pid}\n"
+    assert proxy.stop() == 0
+    assert not pid_file.exists()
+
+
+# -- privileges -----------------------------------------------------------------------------
+
+
+def ids_of(pid: int) -> Tuple[List[int], List[int], List[int]]:
+    """(real, effective, saved, fs) uids, the same gids, and supplementary groups of *pid*."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = [int(v) for v in value.split()] if key in ("Uid", "Gid", "Groups") else []
+    return fields["Uid"], fields["Gid"], fields["Groups"]
+
+
+def become_nobody() -> None:
+    os.setgroups([])
+    os.setgid(pwd.getpwnam("nobody").pw_gid)
+    os.setuid(pwd.getpwnam("nobody").pw_uid)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="SKIPPED LOUDLY: dropping privileges can only be tested as root"
+)
+
+
+@needs_root
+def test_user_and_group_drop_privileges_after_loading_a_root_only_key(
+    start_proxy: ProxyFactory,
+    echo_server: TcpServer,
+    tmp_path: Path,
+    server_pem: Tuple[Path, trustme.CA],
+) -> None:
+    pem, ca = server_pem
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    root_only = secret / "server.pem"
+    shutil.copy(pem, root_only)
+    root_only.chmod(0o600)
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid)
+    listen, address = listen_args()
+    proxy = start_proxy(
+        "--user", "nobody", "--group", group.gr_name, "--cert", str(root_only),
+        listen, echo_server.target, listen=address,
+    )  # fmt: skip
+    proxy.wait_log("running as uid")
+    uids, gids, groups = ids_of(proxy.pid)
+    assert uids == [nobody.pw_uid] * 4 and gids == [group.gr_gid] * 4, (uids, gids)
+    assert 0 not in groups
+    with connect(f"wss://127.0.0.1:{address[1]}/", ssl=client_tls(ca)) as ws:
+        ws.send(b"served by nobody")
+        assert ws.recv(DEADLINE) == b"served by nobody"
+    assert proxy.stop() == 0
+
+    listen, address = listen_args()  # --user alone: the user's own group
+    proxy = start_proxy("--user", "nobody", listen, echo_server.target, listen=address)
+    proxy.wait_log("running as uid")
+    uids, gids, _ = ids_of(proxy.pid)
+    assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4
+    assert proxy.stop() == 0
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("args", "as_nobody", "message"),
+    [
+        (["--user", "nobody"], True, "--user: changing user needs root"),
+        (["--group", "nogroup"], True, "--group: changing user needs root"),
+        (["--user", "no-such-user-here"], False, "--user: no such user"),
+        (["--group", "no-such-group-here"], False, "--group: no such group"),
+    ],
+)
+def test_privilege_drop_that_cannot_happen_exits_2(
+    start_proxy: ProxyFactory, args: List[str], as_nobody: bool, message: str
+) -> None:
+    listen, address = listen_args()
+    kwargs: Dict[str, object] = {}
+    if as_nobody:  # an interpreter nobody may run (a venv under /root is out of reach)
+        system_python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        if system_python is None:
+            pytest.skip("SKIPPED LOUDLY: no system python3 that user nobody can run")
+        kwargs = {"preexec_fn": become_nobody, "python": system_python}
+    proxy = start_proxy(*args, listen, "127.0.0.1:1", **kwargs)
+    assert proxy.wait_exit() == 2
+    output = proxy.log().strip()
+    assert len(output.splitlines()) == 1 and message in output, output
+    assert not can_connect(address)
+
+
+# -- key password from a file or the environment -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encrypted_key(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path, trustme.CA]:
+    """A certificate and its key encrypted with the password "s3cret pass"."""
+    from cryptography.hazmat.primitives import serialization
+
+    folder = tmp_path_factory.mktemp("encrypted")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    key_path = folder / "key.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret pass"),
+        )
+    )
+    cert_path = folder / "cert.pem"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    return cert_path, key_path, ca
+
+
+def test_key_password_from_a_file_or_an_environment_variable(
+    start_proxy: ProxyFactory,
+    echo_server: TcpServer,
+    tmp_path: Path,
+    encrypted_key: Tuple[Path, Path, trustme.CA],
+) -> None:
+    cert, key, ca = encrypted_key
+    password_file = tmp_path / "password"
+    password_file.write_text("s3cret pass\n")  # as `echo` writes it
+    password_file.chmod(0o600)
+    env = dict(os.environ, KEY_PW="s3cret pass")
+    common = ["--cert", str(cert), "--key", str(key)]
+    sources = [["--key-password-file", str(password_file)], ["--key-password-env", "KEY_PW"]]
+    for source in sources:
+        listen, address = listen_args()
+        proxy = start_proxy(*common, *source, listen, echo_server.target, listen=address, env=env)
+        with connect(f"wss://127.0.0.1:{address[1]}/", ssl=client_tls(ca)) as ws:
+            ws.send(b"unlocked")
+            assert ws.recv(DEADLINE) == b"unlocked"
+        assert "s3cret" not in Path(f"/proc/{proxy.pid}/cmdline").read_text()
+        assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--key-password-file", "{wrong}"], "--key-password-file: wrong password"),
+        (["--key-password-file", "/nonexistent/password"], "--key-password-file: cannot read"),
+        (["--key-password-env", "NO_SUCH_VARIABLE_HERE"], "--key-password-env: the environment"),
+        (["--key-password-env", "WRONG_PASSWORD"], "--key-password-env: wrong password"),
+        (
+            ["--key-password", "x", "--key-password-env", "WRONG_PASSWORD"],
+            "cannot be combined",
+        ),
+        (["--key-password-file", "{wrong}", "--key-password", "x"], "cannot be combined"),
+    ],
+)
+def test_key_password_sources_that_fail_exit_2(
+    start_proxy: ProxyFactory,
+    tmp_path: Path,
+    encrypted_key: Tuple[Path, Path, trustme.CA],
+    args: List[str],
+    message: str,
+) -> None:
+    cert, key, _ = encrypted_key
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the password")
+    env = dict(os.environ, WRONG_PASSWORD="not the password")
+    env.pop("NO_SUCH_VARIABLE_HERE", None)
+    args = [a.format(wrong=wrong) for a in args]
+    proxy = start_proxy(
+        "--cert", str(cert), "--key", str(key), *args, "127.0.0.1:0", "h:1", env=env
+    )
+    assert proxy.wait_exit() == 2
+    output = proxy.log().strip()
+    assert len(output.splitlines()) == 1 and message in output, output
+
+
+# -- traffic marks and --run-once -----------------------------------------------------------
+
+
+def test_traffic_marks_follow_upstreams_legend(
+    start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
+) -> None:
+    burst = 4 * 1024 * 1024
+    upload = 48 * 1024 * 1024  # more than the kernel buffers of a target that does not read
+    release = threading.Event()
+
+    def slow_target(conn: socket.socket) -> None:
+        conn.sendall(b"t" * burst)  # more than the proxy queues for a client that does not read
+        release.wait(DEADLINE)  # and reads nothing meanwhile
+        while conn.recv(1 << 20):
+            pass
+
+    target = tcp_server(slow_target)
+    listen, address = listen_args()
+    proxy = start_proxy("--traffic", listen, target.target, listen=address)
+    legend_end = "<. - Client send partial"
+    proxy.wait_log(legend_end)
+    legend = proxy.log().split(legend_end)[0]
+    for line in ("Traffic Legend:", "} - Client receive", "}. - Client receive partial"):
+        assert line in legend
+
+    def marks() -> str:
+        return proxy.log().split(legend_end, 1)[1]
+
+    client = RawClient.connect(address)
+    wait_until(lambda: "<." in marks(), "<.: the client reads nothing, part of a frame waits")
+    frame = client_frame(0x2, b"0123456789")
+    client.sock.sendall(frame[:9])  # a frame cut in the middle of its payload
+    wait_until(lambda: "}." in marks(), "}.: a partial frame from the client")
+    client.sock.sendall(frame[9:])
+    wait_until(lambda: marks().count("}") > marks().count("}."), "}: a complete frame")
+    # Unmasked by a zero key: a large frame built without a per-byte loop.
+    big = struct.pack("!BBQ", 0x82, 0x80 | 127, upload) + b"\0\0\0\0" + b"c" * upload
+    sender = threading.Thread(target=client.sock.sendall, args=(big,))
+    sender.start()
+    wait_until(lambda: ">." in marks(), ">.: the target reads nothing, part of the data waits")
+    release.set()
+    assert client.recv_data(burst) == b"t" * burst
+    sender.join(DEADLINE)
+    assert set(re.findall(r"[{}<>]\.?", marks())) == {"}", "}.", "{", ">", ">.", "<", "<."}
+    client.close()
+
+
+def test_traffic_marks_are_off_by_default(
+    start_proxy: ProxyFactory, echo_server: TcpServer
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy(listen, echo_server.target, listen=address)
+    with connect(ws_url(address)) as ws:
+        ws.send(b"quiet")
+        assert ws.recv(DEADLINE) == b"quiet"
+    assert proxy.stop() == 0
+    assert not re.search(r"[{}<>]", proxy.log()), proxy.log()
+
+
+def test_run_once_counts_a_websocket_whose_target_is_unreachable(
+    start_proxy: ProxyFactory,
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy("--run-once", listen, f"127.0.0.1:{free_port()}", listen=address)
+    client = RawClient.connect(address)  # the readiness probe before it did not count
+    assert client.recv_close()[0] == 1011
+    client.close()
+    assert proxy.wait_exit() == 0
