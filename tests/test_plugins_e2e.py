@@ -1,7 +1,8 @@
 """Token and auth plugins end to end: the real proxy process, real clients, real targets.
 
 Each target greets with its own name before echoing, so a test sees which target a token
-led to. Refusals are read with a raw socket: status line, headers, body, then EOF.
+led to. Refusals are read with a raw socket: status line, headers, body, and (over plain
+TCP) the proxy closing the connection.
 """
 
 import base64
@@ -10,9 +11,11 @@ import hmac
 import http.server
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import textwrap
 import threading
 import time
@@ -125,16 +128,9 @@ def unix_server() -> Iterator[Callable[[Path, str], UnixServer]]:
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A directory with a short path: unix socket paths must fit in 108 bytes."""
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix="wsm-", dir="/tmp"))
     yield path
-    for child in sorted(path.rglob("*"), reverse=True):
-        if child.is_dir() and not child.is_symlink():
-            child.rmdir()
-        else:
-            child.unlink()
-    path.rmdir()
+    shutil.rmtree(str(path))
 
 
 # --- clients ---
