@@ -1,7 +1,8 @@
 """Token and auth plugins end to end: the real proxy process, real clients, real targets.
 
 Each target greets with its own name before echoing, so a test sees which target a token
-led to. Refusals are read with a raw socket: status line, headers, body, then EOF.
+led to. Refusals are read with a raw socket: status line, headers, body, and (over plain
+TCP) the proxy closing the connection.
 """
 
 import base64
@@ -10,9 +11,11 @@ import hmac
 import http.server
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import textwrap
 import threading
 import time
@@ -125,16 +128,9 @@ def unix_server() -> Iterator[Callable[[Path, str], UnixServer]]:
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A directory with a short path: unix socket paths must fit in 108 bytes."""
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix="wsm-", dir="/tmp"))
     yield path
-    for child in sorted(path.rglob("*"), reverse=True):
-        if child.is_dir() and not child.is_symlink():
-            child.rmdir()
-        else:
-            child.unlink()
-    path.rmdir()
+    shutil.rmtree(str(path))
 
 
 # --- clients ---
@@ -356,6 +352,29 @@ def test_token_in_the_query_string(
     assert '"GET /websockify?token=nope" 404 Token not found' in log
 
 
+def test_token_file_targets_of_every_kind(
+    start_proxy: ProxyFactory,
+    tcp_server: Callable[..., TcpServer],
+    unix_server: Callable[[Path, str], UnixServer],
+    short_tmp: Path,
+) -> None:
+    v4, v6 = tcp_server(greeter("v4")), tcp_server(greeter("v6"), "::1")
+    unix_server(short_tmp / "desk.sock", "unix")
+    tokens = short_tmp / "tokens"
+    tokens.write_text(
+        f"v4: 127.0.0.1:{v4.port}\n"
+        f"v6: [::1]:{v6.port}\n"
+        f"by-name: localhost:{v4.port}\n"
+        f"unix: unix_socket:{short_tmp / 'desk.sock'}\n"
+        f"a:b:c: {v4.target}\n"  # a token may hold colons: it ends at ": "
+    )
+    _, port = proxy_on(start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens))
+    for token, greeting in [
+        ("v4", "v4"), ("v6", "v6"), ("by-name", "v4"), ("unix", "unix"), ("a:b:c", "v4")
+    ]:  # fmt: skip
+        assert greeted_by(port, f"/websockify?token={token}") == greeting
+
+
 @pytest.mark.smoke
 def test_host_token(start_proxy: ProxyFactory, targets: Targets, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
@@ -366,6 +385,7 @@ def test_host_token(start_proxy: ProxyFactory, targets: Targets, tmp_path: Path)
     assert greeted_by(port, host="vm1.example") == "one"  # Host: vm1.example:PORT
     assert greeted_by(port, "/websockify?token=ignored", host="[::1]") == "two"
     assert refused(port, host="vm3.example").status == 404
+    assert refused(port, host="").status == 400  # no token at all
     assert refused(port, "/websockify?token=vm1.example", host="other").status == 404
     assert "token 'other' not found" in proxy.log()
 
@@ -490,10 +510,12 @@ def test_unix_domain_socket_directory(
 
 
 class TokenService:
-    """A token API on 127.0.0.1: /plain/TOKEN answers host:port, /json/TOKEN JSON."""
+    """A token API on 127.0.0.1: /plain/TOKEN answers host:port, /json/TOKEN JSON;
+    token "broken" gets 503, and "stall" no answer until the service closes."""
 
     def __init__(self, table: Dict[str, TcpServer]) -> None:
         self.requests: List[str] = []
+        self.release = threading.Event()  # what "stall" waits for
         service = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -504,6 +526,8 @@ class TokenService:
                 status, body = 200, b""
                 if token == "broken":
                     status = 503
+                elif token == "stall":
+                    service.release.wait(3 * DEADLINE)
                 elif token not in table:
                     status = 404
                 elif kind == "plain":
@@ -525,6 +549,7 @@ class TokenService:
         self.thread.start()
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(DEADLINE)
@@ -556,6 +581,40 @@ def test_token_apis(start_proxy: ProxyFactory, targets: Targets, plugin: str, ki
             f"/{kind}/broken",
         ]
         assert f"token plugin {plugin} failed for token 'broken': HTTPError" in proxy.log()
+    finally:
+        service.close()
+
+
+def test_a_stalled_token_api_times_out_and_delays_no_one_else(
+    start_proxy: ProxyFactory, targets: Targets
+) -> None:
+    service = TokenService({"vm1": targets["one"]})
+    try:
+        proxy, port = proxy_on(
+            start_proxy,
+            *("--token-plugin", "JSONTokenApi", "--token-source", f"{service.url}/json/%s"),
+            env=no_proxy_env(),
+        )
+        stalled: Dict[str, Any] = {"started": time.monotonic()}
+
+        def stalled_client() -> None:
+            stalled["answer"] = refused(port, "/?token=stall", timeout=3 * DEADLINE)
+            stalled["answered"] = time.monotonic()
+
+        thread = threading.Thread(target=stalled_client)
+        thread.start()
+        try:
+            wait_until(lambda: "/json/stall" in service.requests, "the stalled lookup")
+            for _ in range(3):
+                assert greeted_by(port, "/websockify?token=vm1") == "one"
+            served = time.monotonic()
+        finally:
+            thread.join(3 * DEADLINE)
+        assert not thread.is_alive()
+        assert stalled["answer"].status == 500  # the plugin's own 5 s timeout
+        assert stalled["answered"] - stalled["started"] >= 5
+        assert served < stalled["answered"]
+        assert "token plugin JSONTokenApi failed for token 'stall': " in proxy.log()
     finally:
         service.close()
 
