@@ -348,6 +348,8 @@ async def soak(args: argparse.Namespace) -> Dict[str, Any]:
                   f"{sum(sample['errors'].values()) or ''}", flush=True)  # fmt: skip
     finally:
         stop.set()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(ignore_cancelled)  # the workers' inner futures, cut off
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -360,6 +362,11 @@ async def soak(args: argparse.Namespace) -> Dict[str, Any]:
         log.close()
         target.close()
     return summarize(args, samples, status)
+
+
+def ignore_cancelled(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
 
 
 def summarize(
