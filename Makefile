@@ -3,6 +3,7 @@
 #                 and run them all
 # make pyz        build the zipapp websockify.pyz
 # make bench      benchmark against upstream websockify (bench-quick: under 2 minutes)
+# make soak       mixed traffic for DURATION seconds (default 600): throughput, RSS, fds, errors
 # make clean
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ CC     ?= cc
 CFLAGS ?= -O2
 REBIND_CFLAGS = -Wall -Wextra -Werror -fPIC -shared
 
-.PHONY: all test lint typecheck unit matrix system-deps node-deps pyz bench bench-quick clean
+.PHONY: all test lint typecheck unit matrix system-deps node-deps pyz bench bench-quick soak clean
 
 all: rebind.so
 
@@ -75,6 +76,10 @@ bench:
 
 bench-quick:
 	$(PYTHON) bench/run.py --quick
+
+DURATION ?= 600
+soak:
+	$(PYTHON) bench/soak.py --duration $(DURATION)
 
 clean:
 	rm -rf rebind.so websockify.pyz build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

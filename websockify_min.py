@@ -1477,7 +1477,8 @@ class JWTTokenApi(BaseTokenPlugin):
             # NaN passes every comparison, so only finite numbers count.
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"claim {claim!r} is not a number")
-            if not math.isfinite(value):
+            # An int is always finite, and math.isfinite() overflows on a huge one.
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"claim {claim!r} is not finite")
         return claims
 

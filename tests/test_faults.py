@@ -2,7 +2,7 @@
 
 Already covered in test_relay.py: a refused target (1011), a target or client that resets
 mid-stream, a target that stops reading (backpressure, RSS), the heartbeat dropping a
-silent client, SIGTERM with idle sessions.
+silent client, SIGTERM with idle sessions; SIGHUP in test_operations.py.
 """
 
 import asyncio
@@ -12,15 +12,25 @@ import multiprocessing.connection
 import os
 import random
 import resource
+import signal
+import socket
 import struct
+import threading
 import time
-from typing import Dict, List, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 from conftest import (
     DEADLINE,
+    Bystander,
+    Proxy,
     ProxyFactory,
+    RawClient,
+    TcpServer,
     free_port,
+    rss_kib,
+    wait_until,
 )
 
 from websockify_min import unmask
@@ -262,3 +272,214 @@ def test_five_hundred_sessions_lose_no_data(start_proxy: ProxyFactory) -> None:
     failures += [message for message in verified.values() if message != "ok"]
     failures += [f"target {i}: never connected" for i in range(SESSIONS) if i not in verified]
     assert not failures, f"{len(failures)} sessions failed, e.g. {failures[:5]}"
+
+
+# -- target faults ------------------------------------------------------------------------------
+
+
+def token_proxy(
+    start_proxy: ProxyFactory, tmp_path: Path, targets: Dict[str, str], *options: str
+) -> Tuple[Tuple[str, int], Proxy]:
+    """A proxy choosing its target by token, so a bystander can reach a healthy one."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text("".join(f"{token}: {target}\n" for token, target in targets.items()))
+    listen, address = listen_args()
+    proxy = start_proxy(
+        "--token-plugin", "TokenFile", "--token-source", str(token_file), *options, listen,
+        listen=address,
+    )  # fmt: skip
+    return address, proxy
+
+
+def bystander_for(address: Tuple[str, int]) -> Bystander:
+    return Bystander(RawClient.connect(address, path="/websockify?token=echo"))
+
+
+def test_a_target_that_never_accepts_gets_1011_at_the_connect_deadline(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    # A listener whose backlog is full and that never accepts: the kernel drops further
+    # SYNs, so a connect neither succeeds nor fails.
+    deaf = socket.socket()
+    deaf.bind(("127.0.0.1", 0))
+    deaf.listen(0)
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(deaf.getsockname())
+        fillers.append(filler)
+    address, _ = token_proxy(
+        start_proxy, tmp_path,
+        {"echo": echo_server.target, "deaf": f"127.0.0.1:{deaf.getsockname()[1]}"},
+        "--connect-timeout", "1",
+    )  # fmt: skip
+    bystander = bystander_for(address)
+    started = time.monotonic()
+    client = RawClient.connect(address, path="/websockify?token=deaf")
+    code, reason = client.recv_close()
+    assert (code, "timed out" in reason) == (1011, True), reason
+    assert 0.9 < time.monotonic() - started < 1 + DEADLINE
+    bystander.close()
+    for sock in [*fillers, deaf]:
+        sock.close()
+
+
+def test_a_target_that_accepts_and_resets_at_once(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tcp_server: Callable[..., TcpServer],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    def reset(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    resetting = tcp_server(reset)
+    address, _ = token_proxy(
+        start_proxy, tmp_path, {"echo": echo_server.target, "reset": resetting.target}
+    )
+    bystander = bystander_for(address)
+    for _ in range(20):
+        client = RawClient.connect(address, path="/websockify?token=reset")
+        code, _reason = client.recv_close()
+        assert code in (1000, 1011), code  # an EOF or a reset, depending on timing
+        client.send(0x8, struct.pack("!H", 1000))
+        assert client.at_eof()
+        client.close()
+    bystander.close()
+
+
+# -- client faults ------------------------------------------------------------------------------
+
+
+class Flood:
+    """A target handler that sends a known stream as fast as the proxy takes it."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._pattern = random.Random(total).randbytes(1024 * 1024 + 7)  # repeated: no 200 MiB
+        self._twice = self._pattern * 2
+        self.sent = 0
+        self.conn: socket.socket | None = None
+        self.done = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        conn.settimeout(0.2)
+        while self.sent < self.total:
+            try:
+                start = self.sent % len(self._pattern)
+                self.sent += conn.send(self._twice[start : start + 65536])
+            except socket.timeout:
+                continue
+        self.done.set()
+        conn.settimeout(DEADLINE)
+        while conn.recv(65536):  # until the proxy closes
+            pass
+
+    def prefix(self, size: int) -> bytes:
+        """The first *size* bytes of the stream."""
+        return (self._pattern * (size // len(self._pattern) + 1))[:size]
+
+    def wait_stalled(self, what: str) -> None:
+        """Wait until the proxy stops taking data (its count stays put for a while)."""
+        last, steady_since = -1, time.monotonic()
+
+        def stalled() -> bool:
+            nonlocal last, steady_since
+            if self.sent != last:
+                last, steady_since = self.sent, time.monotonic()
+            return time.monotonic() - steady_since > 0.5
+
+        wait_until(stalled, what, timeout=30)
+
+
+def read_stream(client: RawClient, size: int) -> bytes:
+    """At least *size* payload bytes (whole frames), gathered without quadratic copying."""
+    parts, got = [], 0
+    while got < size:
+        opcode, payload, _ = client.recv_frame()
+        assert opcode == 0x2, opcode
+        parts.append(payload)
+        got += len(payload)
+    return b"".join(parts)
+
+
+@pytest.mark.skipif(not POOL, reason="needs random.randbytes (Python 3.9+) in the test runner")
+def test_a_client_that_stops_reading_while_the_target_floods(
+    start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
+) -> None:
+    flood = Flood(200 * 1024 * 1024)
+    target = tcp_server(flood)
+    listen, address = listen_args()
+    proxy = start_proxy(listen, target.target, listen=address)
+    client = RawClient.connect(address)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    flood.wait_stalled("the target to be held back")
+    # Held back after kernel buffers and the proxy's high-water mark, not after 200 MiB.
+    assert flood.sent < 32 * 1024 * 1024, flood.sent
+    assert rss_kib(proxy.pid) < RSS_BOUND_KIB
+    # Reading again, the client gets the stream intact, and the rest follows.
+    received = read_stream(client, 32 * 1024 * 1024)
+    if received != flood.prefix(len(received)):
+        raise AssertionError("the data read after the stall is corrupt")
+    assert flood.sent >= len(received)
+    client.close()
+
+
+def test_heartbeat_drops_a_peer_that_neither_reads_nor_answers(
+    start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
+) -> None:
+    flood = Flood(64 * 1024 * 1024)
+    target = tcp_server(flood)
+    listen, address = listen_args()
+    proxy = start_proxy("--heartbeat", "0.3", listen, target.target, listen=address)
+    client = RawClient.connect(address)  # never reads, never answers: a dead peer
+    started = time.monotonic()
+    proxy.wait_log("sent nothing for 3 pings")  # MISSED_PONGS, though its queue is full
+    assert 0.3 * 3 <= time.monotonic() - started < 0.3 * 3 + DEADLINE
+    assert client.at_eof()  # what was queued for it, then the end
+    client.close()
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+def tcp_queues(local_port: int, remote_port: int) -> Tuple[int, int]:
+    """(tx_queue, rx_queue) of the loopback TCP socket with these ports, from /proc/net/tcp."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1].split(":")[1], fields[2].split(":")[1]
+        if (int(local, 16), int(remote, 16)) == (local_port, remote_port):
+            tx, rx = fields[4].split(":")
+            return int(tx, 16), int(rx, 16)
+    raise AssertionError(f"no socket {local_port} -> {remote_port}")
+
+
+@pytest.mark.skipif(not POOL, reason="needs random.randbytes (Python 3.9+) in the test runner")
+def test_sigterm_delivers_everything_queued_then_closes_with_1001(
+    start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer], echo_server: TcpServer
+) -> None:
+    flood = Flood(64 * 1024 * 1024)
+    target = tcp_server(flood)
+    listen, address = listen_args()
+    proxy = start_proxy(listen, target.target, listen=address)
+    client = RawClient.connect(address)  # reads nothing until the proxy is told to stop
+    flood.wait_stalled("the proxy's queue for the client to fill")
+    assert flood.conn is not None
+    target_port, proxy_port = flood.conn.getsockname()[1], flood.conn.getpeername()[1]
+    target_unsent, _ = tcp_queues(target_port, proxy_port)
+    _, proxy_unread = tcp_queues(proxy_port, target_port)
+    taken_by_proxy = flood.sent - target_unsent - proxy_unread
+    os.kill(proxy.pid, signal.SIGTERM)
+    # Every byte the proxy took from the target reaches the client, then the 1001.
+    received = bytearray()
+    while True:
+        opcode, payload, _ = client.recv_frame()
+        if opcode == 0x8:
+            assert struct.unpack("!H", payload[:2])[0] == 1001
+            break
+        received += payload
+    assert len(received) == taken_by_proxy, (len(received), taken_by_proxy)
+    if received != flood.prefix(len(received)):
+        raise AssertionError("the data before the 1001 is corrupt")
+    client.send(0x8, struct.pack("!H", 1001))
+    assert proxy.wait_exit() == 0

@@ -382,3 +382,62 @@ def test_more_clients_than_descriptors_are_refused_or_delayed_without_spinning(
     for _ in range(20):  # served again once descriptors are free
         assert answer_to(address, upgrade_request()) == 101
     bystander.close()
+
+
+# -- web paths ----------------------------------------------------------------------------------
+
+WEB_TRAVERSALS = [
+    "/../secret.txt",
+    "/%2e%2e/secret.txt",
+    "/%2E%2E/secret.txt",
+    "/..%2fsecret.txt",
+    "/%2e%2e%2fsecret.txt",
+    "/..%5csecret.txt",
+    "/..\\secret.txt",
+    "/sub/../../secret.txt",
+    "/sub/%2e%2e/%2e%2e/secret.txt",
+    "/./../secret.txt",
+    "//../secret.txt",
+    "/%252e%252e/secret.txt",  # double-encoded
+    "/%c0%ae%c0%ae/secret.txt",  # overlong UTF-8 dots
+    "/index.html%00/../../secret.txt",
+    "/out",  # a symlink inside the root to the secret outside
+    "/outdir/secret.txt",  # through a symlinked directory
+    "{root}/../secret.txt",
+    "http://localhost/../secret.txt",
+    "../secret.txt",
+]
+
+
+def web_get(address: Tuple[str, int], target: str) -> Tuple[int, bytes]:
+    """Status and body of GET *target*, sent as is on a raw socket."""
+    with socket.create_connection(address, timeout=DEADLINE) as sock:
+        request = f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        sock.sendall(request.encode("latin-1"))
+        client = RawClient(sock)
+        status, _ = client.read_response()
+        assert client.at_eof()
+        return status, client.buffer
+
+
+def test_traversal_in_web_paths_never_leaves_the_web_root(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    root = tmp_path / "www"
+    (root / "sub").mkdir(parents=True)
+    (root / "index.html").write_text("<p>public</p>")
+    secret = b"SECRET-CONTENT-8f3a"
+    (tmp_path / "secret.txt").write_bytes(secret)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_bytes(secret)
+    (root / "out").symlink_to(tmp_path / "secret.txt")
+    (root / "outdir").symlink_to(tmp_path / "outside")
+    address, bystander, _ = start_with_bystander(
+        start_proxy, "--web", str(root), echo_server.target
+    )
+    for target in WEB_TRAVERSALS:
+        status, body = web_get(address, target.format(root=root))
+        assert status in (400, 404), (target, status)
+        assert secret not in body, target
+    assert web_get(address, "/index.html") == (200, b"<p>public</p>")
+    bystander.close()
