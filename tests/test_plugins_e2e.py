@@ -1073,7 +1073,7 @@ def test_a_slow_plugin_delays_no_other_client(
     try:
         wait_until(lambda: "started" in slow, "the slow client to start")
         fast_done = []
-        for _ in range(5):  # five whole sessions, each connect + echo + close
+        for _ in range(3):  # three whole sessions, each connect + echo + close
             assert greeted_by(port, "/websockify?token=two") == "two"
             fast_done.append(time.monotonic())
     finally:
@@ -1087,7 +1087,7 @@ def test_a_slow_plugin_delays_no_other_client(
         f"slow one answered after {slow['answered'] - slow['started']:.2f} s"
     )
     print(
-        f"5 fast sessions done {fast_done[-1] - slow['started']:.3f} s after the slow client "
+        f"3 fast sessions done {fast_done[-1] - slow['started']:.3f} s after the slow client "
         f"started; it was answered after {slow['answered'] - slow['started']:.3f} s"
     )
 
