@@ -599,8 +599,10 @@ def test_sessions_leave_no_descriptors_behind(
     wait_until(lambda: "client closed the WebSocket" in proxy.log(), "the first session to end")
     baseline = open_descriptors(proxy.pid)
     clients = [RawClient.connect(address) for _ in range(50)]
-    # A client and a target socket each, once the last target connection is made.
-    wait_until(lambda: open_descriptors(proxy.pid) >= baseline + 100, "every target connection")
+    for client in clients:  # an echo proves the session's target connection is up
+        client.send(0x2, b"ping")
+        assert client.recv_data(4) == b"ping"
+    assert open_descriptors(proxy.pid) >= baseline + 100  # a client and a target socket each
     for number, client in enumerate(clients):
         if number % 3 == 0:
             client.send(0x8, struct.pack("!H", 1000))  # a clean close
