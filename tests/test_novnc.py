@@ -11,9 +11,11 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -285,6 +287,7 @@ class Browser:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: its helpers are stopped with it
         )
         self.messages: Dict[str, List[str]] = {}
         self._next_id = 0
@@ -360,6 +363,8 @@ class Browser:
     def stop(self) -> None:
         self._closing.close()
         stop_process(self.proc)
+        with contextlib.suppress(ProcessLookupError):  # a helper outliving a killed browser
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
 
 
@@ -460,8 +465,10 @@ def wait_for_desktop(page: Page, colour: Colour, absent: Sequence[Colour] = ()) 
         if not state or state["pixels"] != list(GEOMETRY):
             return False
         png = page.screenshot()
-        left, top = int(-(-state["left"] // 1)), int(-(-state["top"] // 1))  # inside the canvas
-        right, bottom = int(state["left"] + state["width"]), int(state["top"] + state["height"])
+        # Whole pixels inside the canvas (its edges may fall between pixels).
+        left, top = math.ceil(state["left"]), math.ceil(state["top"])
+        right = math.floor(state["left"] + state["width"])
+        bottom = math.floor(state["top"] + state["height"])
         counts = count_colours(png, (left, top, right, bottom), [colour, *absent])
         last["counts"], last["png"] = counts, png
         area = (right - left) * (bottom - top)
