@@ -82,4 +82,4 @@ soak:
 	$(PYTHON) bench/soak.py --duration $(DURATION)
 
 clean:
-	rm -rf rebind.so websockify.pyz build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf rebind.so websockify.pyz build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache tests/node_modules
