@@ -501,17 +501,17 @@ class NoVncServer(NamedTuple):
 def start_novnc_proxy(
     start_proxy: ProxyFactory, *options: str, target: str = "", tls: bool = False
 ) -> NoVncServer:
-    """The proxy serving Debian's noVNC with --web on a fresh port."""
+    """The proxy serving Debian's noVNC with --web on a fresh port, as the README advises:
+    WebSockets only from pages of its own origin."""
     if not (NOVNC_DIR / "vnc.html").is_file():
         pytest.skip(f"MISSING noVNC: no {NOVNC_DIR}/vnc.html; install Debian's novnc")
     port = free_port()
-    scheme = "https" if tls else "http"
+    page = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    web = ("--web", str(NOVNC_DIR), "--allow-origin", page)
     targets = [target] if target else []
     listen = ("127.0.0.1", port)
-    proxy = start_proxy(
-        "--web", str(NOVNC_DIR), *options, f"127.0.0.1:{port}", *targets, listen=listen
-    )
-    return NoVncServer(proxy, port, f"{scheme}://127.0.0.1:{port}")
+    proxy = start_proxy(*web, *options, f"127.0.0.1:{port}", *targets, listen=listen)
+    return NoVncServer(proxy, port, page)
 
 
 def test_novnc_shows_the_desktop(
