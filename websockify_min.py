@@ -3472,15 +3472,17 @@ _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 _SPARE_DESCRIPTORS = 16  # kept for listeners, the selector, the wake-up pair, log and plugin files
 
 
-def _session_limit() -> int:
+def _session_limit(per_session: int = 2) -> int:
     """Sessions that fit in RLIMIT_NOFILE at two descriptors each (client and target); 0: no limit.
+
+    With --record a session holds a third, its record file.
 
     Accepting more only to fail creating their target sockets would refuse every newcomer
     once the descriptors run out; beyond this the excess waits in the listen backlog."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 0
-    return max(1, (soft - _SPARE_DESCRIPTORS) // 2)
+    return max(1, (soft - _SPARE_DESCRIPTORS) // per_session)
 
 
 class _Listener(Watched):
@@ -3527,7 +3529,7 @@ class Server:
         self._stopping = False
         self._idle_timer: Optional[Timer] = None
         self._retry_timer: Optional[Timer] = None
-        self._max_sessions = _session_limit()
+        self._max_sessions = _session_limit(3 if options.record else 2)
         self._full = False  # accepting paused at _max_sessions until a session ends
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()

@@ -194,6 +194,29 @@ def test_record_of_a_large_transfer_and_of_sessions_open_at_shutdown(
     ]
 
 
+def test_record_of_a_session_the_target_ends(
+    start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer], tmp_path: Path
+) -> None:
+    def greet_and_hang_up(conn: socket.socket) -> None:
+        conn.sendall(b"RFB 003.008\n")
+        assert conn.recv(100) == b"RFB 003.008\n"
+
+    target = tcp_server(greet_and_hang_up)
+    stem = tmp_path / "vnc"
+    listen, address = listen_args()
+    start_proxy("--record", str(stem), listen, target.target, listen=address)
+    client = RawClient.connect(address)
+    assert client.recv_data(12) == b"RFB 003.008\n"
+    client.send(0x2, b"RFB 003.008\n")
+    assert client.recv_close() == (1000, "Target closed")
+    client.close()
+    wait_until(lambda: any(is_closed_record(p) for p in record_files(stem)), "a closed record")
+    (record,) = record_files(stem)
+    entries = read_record(record)
+    assert [mark for mark, _, _ in entries] == ["{", "}"]  # the server speaks first in VNC
+    assert directions(entries) == (b"RFB 003.008\n", b"RFB 003.008\n")
+
+
 def test_record_file_that_cannot_be_written_leaves_the_session_alone(
     start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
 ) -> None:
@@ -751,7 +774,8 @@ def test_traffic_marks_follow_upstreams_legend(
     wait_until(lambda: ">." in marks(), ">.: the target reads nothing, part of the data waits")
     release.set()
     assert client.recv_data(burst) == b"t" * burst
-    sender.join(DEADLINE)
+    sender.join(60)
+    assert not sender.is_alive(), "the upload never reached the target"
     assert set(re.findall(r"[{}<>]\.?", marks())) == {"}", "}.", "{", ">", ">.", "<", "<."}
     client.close()
 
