@@ -1,8 +1,9 @@
 """Shared fixtures: real proxy processes, real target servers, raw WebSocket clients.
 
 The interpreter that runs the proxy under test comes from WSMIN_PYTHON (default: the one
-running the tests), so the same tests can run the proxy under any Python version; what it
-runs comes from WSMIN_SCRIPT (default: websockify_min.py; or the zipapp, websockify.pyz).
+running the tests), so the same tests can run the proxy under any Python version. What it
+runs comes from WSMIN_SCRIPT (default: websockify_min.py; or the zipapp, websockify.pyz);
+several paths joined with ":" run each test that starts a proxy once with each.
 """
 
 import base64
@@ -25,7 +26,10 @@ from websockets.sync.client import ClientConnection
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_SCRIPT = ROOT / "websockify_min.py"  # the source
 PROXY_PYTHON = os.environ.get("WSMIN_PYTHON", sys.executable)
-PROXY_RUN = Path(os.environ.get("WSMIN_SCRIPT") or PROXY_SCRIPT).resolve()  # what the tests run
+PROXY_RUNS = [
+    Path(path).resolve() for path in os.environ.get("WSMIN_SCRIPT", "").split(":") if path
+] or [PROXY_SCRIPT]
+PROXY_RUN = PROXY_RUNS[0]  # what the tests run
 DEADLINE = 10.0  # seconds any single wait in the tests may take
 
 
@@ -169,8 +173,19 @@ def rebind_so() -> Path:
     return make("rebind.so")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "proxy_run" in metafunc.fixturenames and len(PROXY_RUNS) > 1:
+        metafunc.parametrize("proxy_run", PROXY_RUNS, ids=[path.name for path in PROXY_RUNS])
+
+
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
+def proxy_run() -> Path:
+    """The script or zipapp start_proxy runs (each of WSMIN_SCRIPT's, when it names several)."""
+    return PROXY_RUN
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, proxy_run: Path) -> Iterator[ProxyFactory]:
     """start_proxy(*args, listen=("127.0.0.1", port) or path or None, **popen) -> Proxy.
 
     Waits until the proxy accepts connections on *listen* (unless None); every proxy
@@ -181,6 +196,7 @@ def start_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
     def start(
         *args: str, listen: Union[Tuple[str, int], str, None] = None, **kwargs: object
     ) -> Proxy:
+        kwargs.setdefault("script", proxy_run)
         proxy = Proxy(args, tmp_path / f"proxy-{len(started)}.log", **kwargs)  # type: ignore[arg-type]
         started.append(proxy)
         if listen is not None:
