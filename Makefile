@@ -60,7 +60,7 @@ unit: $(VENV)/.installed
 matrix: $(VENV)/.installed
 	.ci/matrix $(VPY)
 
-test: $(VENV)/.installed system-deps node-deps rebind.so lint typecheck
+test: $(VENV)/.installed system-deps node-deps rebind.so pyz lint typecheck
 	$(VPY) -m pytest
 	.ci/matrix $(VPY)
 

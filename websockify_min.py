@@ -47,11 +47,14 @@ import queue
 import re
 import resource
 import selectors
+import shlex
+import shutil
 import signal
 import socket
 import ssl
 import stat
 import struct
+import subprocess
 import sys
 import termios
 import threading
@@ -3499,6 +3502,200 @@ class _Listener(Watched):
         log.error("error accepting a connection", exc_info=exc)
 
 
+# -- the wrapped program: PORT -- COMMAND ---------------------------------------------------
+
+RESPAWN_LIMIT = 3  # --wrap-mode respawn starts the program at most this many times...
+RESPAWN_WINDOW = 10.0  # ...within this many seconds, so a crashing program cannot spin
+WRAP_STOP_DEADLINE = 5.0  # seconds the program has after SIGTERM before it gets SIGKILL
+_BUILD_REBIND = "make rebind.so (or: cc -O2 -Wall -Wextra -fPIC -shared -o rebind.so rebind.c -ldl)"
+
+
+def _find_rebind(explicit: Optional[str]) -> str:
+    """The absolute path of rebind.so: --rebind, else beside this file (or the zipapp holding
+    it), else beside the program that was run; ConfigError saying how to build it if none."""
+    if explicit:
+        path = os.path.abspath(explicit)
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"--rebind: {explicit!r} is not a file; build it with {_BUILD_REBIND}"
+            )
+        return _preloadable(path)
+    places: List[str] = []
+    starts = [__file__]
+    if os.path.isfile(sys.argv[0]):
+        starts.append(sys.argv[0])
+    for start in starts:
+        directory = os.path.dirname(os.path.abspath(start))
+        while not os.path.isdir(directory):  # __file__ inside a zipapp: use the archive's folder
+            directory = os.path.dirname(directory)
+        if directory not in places:
+            places.append(directory)
+    for directory in places:
+        path = os.path.join(directory, "rebind.so")
+        if os.path.isfile(path):
+            return _preloadable(path)
+    raise ConfigError(
+        f"'-- COMMAND' needs rebind.so, which is not in {' or '.join(places)}: build it there "
+        f"with {_BUILD_REBIND}, or give its path with --rebind PATH"
+    )
+
+
+def _preloadable(path: str) -> str:
+    if " " in path or ":" in path:  # LD_PRELOAD separates its entries with either
+        raise ConfigError(f"--rebind: LD_PRELOAD cannot take a path with a space or colon: {path}")
+    return path
+
+
+def _free_loopback_port() -> int:
+    """A port free on 127.0.0.1 and (where there is IPv6) on ::1, for the wrapped program."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock6:
+                sock6.bind(("::1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                continue
+        return port
+    raise ConfigError("'-- COMMAND': no free loopback port for the program")
+
+
+def _exit_status(returncode: int) -> int:
+    """A process's status as a shell reports it: a death by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _WrappedProgram:
+    """The program after '--', run with rebind.so so that its bind() of the listen port
+    lands on a loopback port that the proxy targets instead.
+
+    The loop learns that it ended from SIGCHLD through the signal wake-up fd; outside the
+    main thread (an embedded server) a thread blocked in wait() tells it. Either way it is
+    reaped with a non-blocking waitpid, and *on_exit* gets its status."""
+
+    def __init__(
+        self, options: "Options", loop: Loop, rebind: str, on_exit: Callable[[int], None]
+    ) -> None:
+        self.command = list(options.wrap_cmd)
+        if shutil.which(self.command[0]) is None:
+            raise ConfigError(f"'-- COMMAND': {self.command[0]!r} is not an executable program")
+        self.loop = loop
+        self.on_exit = on_exit
+        self.port = _free_loopback_port()
+        addresses: List[Tuple[int, Any]] = [(socket.AF_INET, ("127.0.0.1", self.port))]
+        if socket.has_ipv6:  # rebind.so moves an IPv6 bind (even a dual-stack one) to ::1
+            addresses.append((socket.AF_INET6, ("::1", self.port, 0, 0)))
+            if options.prefer_ipv6:
+                addresses.reverse()
+        self.target = TargetAddress(Target("127.0.0.1", self.port), addresses)
+        self.env = dict(os.environ)
+        preload = self.env.get("LD_PRELOAD")
+        self.env["LD_PRELOAD"] = f"{rebind}:{preload}" if preload else rebind
+        self.env["REBIND_OLD_PORT"] = str(options.listen_port)
+        self.env["REBIND_NEW_PORT"] = str(self.port)
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self._starts: Deque[float] = collections.deque(maxlen=RESPAWN_LIMIT)
+        self._respawn_timer: Optional[Timer] = None
+        self._waiter_thread = False
+        self._stopped = False
+
+    def start(self, waiter_thread: bool = False) -> None:
+        self._waiter_thread = waiter_thread
+        self._respawn_timer = None
+        self._starts.append(time.monotonic())
+        try:
+            proc = subprocess.Popen(self.command, env=self.env)
+        except OSError as exc:
+            log.error("cannot start %s: %s", self.command[0], _strerror(exc))
+            self.loop.call_soon_threadsafe(lambda: self.on_exit(127))  # as a shell would say
+            return
+        self.proc = proc
+        log.info(
+            "started the wrapped program (pid %d), its port moved to loopback port %d: %s",
+            proc.pid,
+            self.port,
+            " ".join(shlex.quote(arg) for arg in self.command),
+        )
+        if waiter_thread:
+            threading.Thread(
+                target=self._wait, args=(proc,), name="websockify-wait", daemon=True
+            ).start()
+
+    def _wait(self, proc: "subprocess.Popen[bytes]") -> None:
+        proc.wait()
+        self.loop.call_soon_threadsafe(self.on_child_exit)
+
+    def on_child_exit(self) -> None:
+        """A child process ended (SIGCHLD): if it is the program, reap it and report."""
+        proc = self.proc
+        if proc is None or proc.poll() is None:  # poll(): waitpid(pid, WNOHANG)
+            return
+        self.proc = None
+        _log_exit(proc)
+        if not self._stopped:
+            self.on_exit(_exit_status(proc.returncode))
+
+    def respawn(self) -> None:
+        """Start the program again, but not more than RESPAWN_LIMIT times in RESPAWN_WINDOW."""
+        if self._stopped or self._respawn_timer is not None:
+            return
+        wait = 0.0
+        if len(self._starts) == RESPAWN_LIMIT:
+            wait = self._starts[0] + RESPAWN_WINDOW - time.monotonic()
+        if wait > 0:
+            log.warning(
+                "--wrap-mode respawn: started %d times within %gs; restarting it in %.1fs",
+                RESPAWN_LIMIT,
+                RESPAWN_WINDOW,
+                wait,
+            )
+            self._respawn_timer = self.loop.call_later(
+                wait, lambda: self.start(self._waiter_thread)
+            )
+            return
+        log.info("--wrap-mode respawn: restarting the wrapped program")
+        self.start(self._waiter_thread)
+
+    def stop(self) -> None:
+        """Terminate the program (SIGTERM, SIGKILL after WRAP_STOP_DEADLINE) and reap it.
+
+        Called once the loop has ended, so waiting here holds up nothing else."""
+        self._stopped = True
+        if self._respawn_timer is not None:
+            self._respawn_timer.cancel()
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            log.info("stopping the wrapped program (pid %d)", proc.pid)
+            proc.terminate()
+            try:
+                proc.wait(WRAP_STOP_DEADLINE)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "the wrapped program (pid %d) is still running %gs after SIGTERM: killing it",
+                    proc.pid,
+                    WRAP_STOP_DEADLINE,
+                )
+                proc.kill()
+                proc.wait()
+        _log_exit(proc)
+
+
+def _log_exit(proc: "subprocess.Popen[bytes]") -> None:
+    if proc.returncode < 0:
+        signum = -proc.returncode
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        log.info("the wrapped program (pid %d) was killed by %s", proc.pid, name)
+    else:
+        log.info("the wrapped program (pid %d) exited with status %d", proc.pid, proc.returncode)
+
+
 class Server:
     """The proxy: listeners, sessions and their loop.
 
@@ -3517,7 +3714,11 @@ class Server:
             self.token_plugin = load_plugin("token", options.token_plugin, options.token_source)
         if options.auth_plugin:
             self.auth_plugin = load_plugin("auth", options.auth_plugin, options.auth_source)
-        self.fixed_target = _fixed_target(options)
+        self._program: Optional[_WrappedProgram] = None
+        if options.wrap_cmd:
+            rebind = _find_rebind(options.rebind)
+            self._program = _WrappedProgram(options, self.loop, rebind, self._on_program_exit)
+        self.fixed_target = _fixed_target(options, self._program)
         self.web_root = _web_root(options.web) if options.web else None
         self.allowed_origins = frozenset(_parse_origins(options.allow_origin))
         self.trusted_proxies = _parse_networks(options.trusted_proxy)
@@ -3566,10 +3767,13 @@ class Server:
     def serve_forever(self) -> int:
         """Serve until stopped (SIGTERM/SIGINT in the main thread); return the exit status."""
         self.bind()
-        if threading.current_thread() is threading.main_thread():
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:
             self.handle_signals()
         try:
             self._start_serving()
+            if self._program is not None:
+                self._program.start(waiter_thread=not in_main_thread)
             self._started.set()
             self.loop.run()
         finally:
@@ -3604,7 +3808,8 @@ class Server:
         self._wind_down()
 
     def handle_signals(self) -> None:
-        """SIGTERM and SIGINT shut down gracefully, SIGHUP reopens the log files.
+        """SIGTERM and SIGINT shut down gracefully, SIGHUP reopens the log files, SIGCHLD
+        reaps the wrapped program.
 
         Main thread only. A signal that comes before serve_forever runs waits for it, so
         a process may be stopped as soon as it listens.
@@ -3612,6 +3817,8 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.shutdown)
         self.loop.add_signal_handler(signal.SIGHUP, self.reopen_log_files)
+        if self._program is not None:  # the wrapped program ended
+            self.loop.add_signal_handler(signal.SIGCHLD, self._program.on_child_exit)
 
     def close(self) -> None:
         """Release the listeners and the loop of a server that will not serve (startup error)."""
@@ -3627,15 +3834,19 @@ class Server:
     def find_target(self, request: Request) -> TargetAddress:
         """Where *request* may go: token lookup, auth, DNS (blocking: runs in a worker)."""
         options = self.options
+        wrapped: Optional[TargetAddress] = None
         if self.token_plugin is not None:
             host = request.headers.get("Host")
             token = token_from_request(request.query, host, options.host_token)
             target = lookup_target(self.token_plugin, token)
+        elif self._program is not None:
+            wrapped = self._program.target
+            target = wrapped.target
         else:
             target = _configured_target(options)
         if self.auth_plugin is not None:
             check_auth(self.auth_plugin, request.headers, target)
-        return resolve_target(target, options.prefer_ipv6)
+        return wrapped or resolve_target(target, options.prefer_ipv6)
 
     def answer_web(self, request: Request, keep_alive: bool) -> WebResponse:
         """The response to a plain GET or HEAD: auth with --web-auth, then the file
@@ -3771,6 +3982,22 @@ class Server:
         log.debug("%s: session %d accepted (%d open)", peer, self._count, len(self._sessions))
         session.start()
 
+    def _on_program_exit(self, status: int) -> None:
+        if self._stopping:
+            return
+        mode = self.options.wrap_mode
+        if mode == "exit":
+            log.info("--wrap-mode exit: exiting with the program's status %d", status)
+            self.exit_status = status
+            self.shutdown()
+        elif mode == "respawn":
+            assert self._program is not None
+            self._program.respawn()
+        else:
+            log.info(
+                "--wrap-mode ignore: serving on; its port refuses connections until it is back"
+            )
+
     def _close(self) -> None:
         for session in list(self._sessions.values()):
             session.abort()
@@ -3778,6 +4005,8 @@ class Server:
         for listener in self._listeners:
             listener.sock.close()
         self._listeners = []
+        if self._program is not None:
+            self._program.stop()
         if self._unix_path:
             with contextlib.suppress(OSError):
                 os.unlink(self._unix_path)
@@ -3840,10 +4069,14 @@ def _configured_target(options: "Options") -> Target:
     return Target(options.target_host, options.target_port)
 
 
-def _fixed_target(options: "Options") -> Optional[TargetAddress]:
+def _fixed_target(
+    options: "Options", program: Optional["_WrappedProgram"] = None
+) -> Optional[TargetAddress]:
     """The target's addresses when a connection needs no worker: no plugin, no DNS."""
     if options.token_plugin or options.auth_plugin:
         return None
+    if program is not None:
+        return program.target
     try:
         return resolve_target(
             _configured_target(options), options.prefer_ipv6, socket.AI_NUMERICHOST
@@ -4144,6 +4377,7 @@ class Options(NamedTuple):
     file_only: bool = False
     wrap_cmd: Tuple[str, ...] = ()
     wrap_mode: str = "exit"
+    rebind: Optional[str] = None  # rebind.so for the wrapped program; None: look beside us
     token_plugin: Optional[str] = None
     token_source: Optional[str] = None
     host_token: bool = False
@@ -4172,7 +4406,7 @@ _USAGE = """
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
 
 # Options that parse but whose feature this build does not have: refused with a clear error.
-_NOT_YET = ("wrap_cmd",)
+_NOT_YET: Tuple[str, ...] = ()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -4292,6 +4526,11 @@ def _build_parser() -> _Parser:
         default="exit",
         help="what to do when the wrapped program exits",
     )
+    add(
+        "--rebind",
+        metavar="PATH",
+        help="rebind.so for '-- COMMAND' (default: the one beside this script or zipapp)",
+    )
     add("-6", "--prefer-ipv6", action="store_true", help="prefer IPv6 when resolving addresses")
     add("--libserver", action="store_true", help="accepted for compatibility; ignored")
     add(
@@ -4403,6 +4642,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         (ns.legacy_syslog and not ns.syslog, "--legacy-syslog requires --syslog"),
         (ns.ssl_target_cafile and not ns.ssl_target, "--ssl-target-cafile requires --ssl-target"),
         (ns.cafile and not ns.verify_client, "--cafile requires --verify-client"),
+        (ns.rebind and not wrap_cmd, "--rebind requires a command to wrap: PORT -- COMMAND"),
+        (wrap_cmd and ns.unix_target, "--unix-target and '-- COMMAND' cannot be combined"),
+        (
+            wrap_cmd and not fields.get("listen_port"),
+            "'-- COMMAND' needs the port the command listens on: PORT -- COMMAND",
+        ),
         (ns.ssl_only and not os.path.exists(ns.cert), f"--ssl-only: {ns.cert!r} not found"),
         (
             sum(x is not None for x in (ns.key_password, ns.key_password_file, ns.key_password_env))
@@ -4416,7 +4661,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     options = Options(**fields)
     for name in _NOT_YET:
         if getattr(options, name):
-            flag = "-- COMMAND" if name == "wrap_cmd" else "--" + name.replace("_", "-")
+            flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} is not supported yet by websockify_min {__version__}")
     return options
 

@@ -1,7 +1,9 @@
 """Shared fixtures: real proxy processes, real target servers, raw WebSocket clients.
 
 The interpreter that runs the proxy under test comes from WSMIN_PYTHON (default: the one
-running the tests), so the same tests can run the proxy under any Python version.
+running the tests), so the same tests can run the proxy under any Python version. What it
+runs comes from WSMIN_SCRIPT (default: websockify_min.py; or the zipapp, websockify.pyz);
+several paths joined with ":" run each test that starts a proxy once with each.
 """
 
 import base64
@@ -22,9 +24,28 @@ import pytest
 from websockets.sync.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
-PROXY_SCRIPT = ROOT / "websockify_min.py"
+PROXY_SCRIPT = ROOT / "websockify_min.py"  # the source
 PROXY_PYTHON = os.environ.get("WSMIN_PYTHON", sys.executable)
+PROXY_RUNS = [
+    Path(path).resolve() for path in os.environ.get("WSMIN_SCRIPT", "").split(":") if path
+] or [PROXY_SCRIPT]
+PROXY_RUN = PROXY_RUNS[0]  # what the tests run
 DEADLINE = 10.0  # seconds any single wait in the tests may take
+
+
+def _have_ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+HAVE_IPV6 = _have_ipv6_loopback()
+needs_ipv6 = pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6 loopback (::1) on this host")
 
 
 def free_port() -> int:
@@ -76,17 +97,18 @@ class Proxy:
         args: Sequence[str],
         log_path: Path,
         python: str = PROXY_PYTHON,
-        script: Union[Path, str] = PROXY_SCRIPT,
+        script: Union[Path, str] = PROXY_RUN,
         env: Optional[dict] = None,  # type: ignore[type-arg]
         cwd: Optional[Path] = None,
         preexec_fn: Optional[Callable[[], None]] = None,
         stdin: Optional[int] = None,
+        command: Optional[Sequence[str]] = None,  # instead of [python, script]
     ) -> None:
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [python, str(script), *self.args],
+            [*(command or (python, str(script))), *self.args],
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -126,8 +148,44 @@ class Proxy:
 ProxyFactory = Callable[..., Proxy]
 
 
+def make(target: str) -> Path:
+    """Build *target* with the Makefile's own rule, so the tests see what users get."""
+    result = subprocess.run(
+        ["make", target],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=120,
+    )
+    output = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, f"make {target} failed:\n{output}"
+    return ROOT / target
+
+
+@pytest.fixture(scope="session")
+def rebind_so() -> Path:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(
+            f"NO C COMPILER: {cc!r} is not on PATH, so rebind.so cannot be built and "
+            "wrap mode's port rebinding is NOT TESTED"
+        )
+    return make("rebind.so")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "proxy_run" in metafunc.fixturenames and len(PROXY_RUNS) > 1:
+        metafunc.parametrize("proxy_run", PROXY_RUNS, ids=[path.name for path in PROXY_RUNS])
+
+
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
+def proxy_run() -> Path:
+    """The script or zipapp start_proxy runs (each of WSMIN_SCRIPT's, when it names several)."""
+    return PROXY_RUN
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, proxy_run: Path) -> Iterator[ProxyFactory]:
     """start_proxy(*args, listen=("127.0.0.1", port) or path or None, **popen) -> Proxy.
 
     Waits until the proxy accepts connections on *listen* (unless None); every proxy
@@ -138,6 +196,7 @@ def start_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
     def start(
         *args: str, listen: Union[Tuple[str, int], str, None] = None, **kwargs: object
     ) -> Proxy:
+        kwargs.setdefault("script", proxy_run)
         proxy = Proxy(args, tmp_path / f"proxy-{len(started)}.log", **kwargs)  # type: ignore[arg-type]
         started.append(proxy)
         if listen is not None:

@@ -9,7 +9,6 @@ import errno
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -20,26 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import pytest
+from conftest import HAVE_IPV6, needs_ipv6
 
-ROOT = Path(__file__).resolve().parent.parent
 STARTUP_DEADLINE = 10.0  # seconds a started program gets to bind and answer
 STOP_DEADLINE = 5.0  # seconds between SIGTERM and SIGKILL at teardown
 POLL_INTERVAL = 0.02  # seconds between two readiness probes
 
-
-def _have_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-HAVE_IPV6 = _have_ipv6_loopback()
-needs_ipv6 = pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6 loopback (::1) on this host")
 
 # A program with one or more listeners, given as JSON in argv[1]. Each answers one request
 # with its name and the request, so a test can tell which listener replied. Every bind()
@@ -276,27 +261,6 @@ def start_server(spawn: Spawn, tmp_path: Path, env: Dict[str, str], specs: Any) 
 
 
 # --- fixtures ---
-
-
-@pytest.fixture(scope="session")
-def rebind_so() -> Path:
-    """Build rebind.so once with the Makefile's own rule, so the tests see what users get."""
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        pytest.skip(
-            f"NO C COMPILER: {cc!r} is not on PATH, so rebind.so cannot be built and "
-            "wrap mode's port rebinding is NOT TESTED"
-        )
-    result = subprocess.run(
-        ["make", "rebind.so"],
-        cwd=str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=120,
-    )
-    output = result.stdout.decode(errors="replace")
-    assert result.returncode == 0, f"make rebind.so failed:\n{output}"
-    return ROOT / "rebind.so"
 
 
 @pytest.fixture
