@@ -2996,9 +2996,18 @@ class Session:
             return
         if self._recorder is not None and self._recorder.congested:
             return  # resumed by _on_record_drain
-        other = self.client if stream is self.target else self.target
-        if other is not None and not other.reading and not other.closed:
-            other.set_reading(True)
+        if stream is self.client:
+            target = self.target
+            if target is not None and not target.reading and not target.closed:
+                target.set_reading(True)
+        self._resume_client()  # the target took its queue, or the client its pongs
+
+    def _resume_client(self) -> None:
+        client, target = self.client, self.target
+        if client.reading or client.closed or client.queued > HIGH_WATER:
+            return
+        if target is None or target.queued <= HIGH_WATER:
+            client.set_reading(True)
 
     def on_closed(self, stream: Stream) -> None:
         if self.state is State.CLOSED:
@@ -3330,8 +3339,12 @@ class Session:
                 return
         decoder.check()
         target = self.target
-        if (target is not None and target.queued > HIGH_WATER) or self._record_congested():
-            self.client.set_reading(False)  # resumed by on_drain(target)
+        if (
+            (target is not None and target.queued > HIGH_WATER)
+            or self.client.queued > HIGH_WATER  # pongs for a client that does not read
+            or self._record_congested()
+        ):
+            self.client.set_reading(False)  # resumed by on_drain
 
     def _from_target(self, data: memoryview) -> None:
         if self.state is not State.RELAY:

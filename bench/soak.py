@@ -9,7 +9,8 @@ handshakes that never finish). Every --interval seconds it samples the proxy's r
 memory, open descriptors and CPU time, and the traffic and errors of the interval. Prints a
 table and writes bench/results/soak-latest.json and soak-latest.md.
 
-Needs only the standard library (and Linux's /proc); the proxy runs under --python.
+Needs only the standard library (Python 3.7+, and Linux's /proc); the proxy runs under
+--python, any version the proxy supports.
 """
 
 import argparse
