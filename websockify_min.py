@@ -4612,8 +4612,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         argv = argv[: argv.index("--")]
         if not wrap_cmd:
             raise ConfigError("'--' must be followed by the command to wrap")
-    ns = _build_parser().parse_args(argv)
-    args: List[str] = list(ns.args)
+    # Options may come between the addresses, as upstream's optparse allows: argparse
+    # leaves positionals after an option unparsed (parse_intermixed_args is 3.7+).
+    ns, rest = _build_parser().parse_known_args(argv)
+    unknown = [arg for arg in rest if arg.startswith("-")]
+    if unknown:
+        raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}")
+    args: List[str] = list(ns.args) + rest
     fields: Dict[str, Any] = {
         name: getattr(ns, name) for name in Options._fields if hasattr(ns, name)
     }

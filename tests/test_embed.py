@@ -1,6 +1,7 @@
 """The embedding API: a proxy running in a thread of the test process itself."""
 
 import threading
+from typing import List
 
 import pytest
 from conftest import DEADLINE, TcpServer
@@ -44,3 +45,28 @@ def test_startup_problems_raise_config_error() -> None:
         websockify_min.Server(websockify_min.Options(listen_port=0, token_plugin="NoSuchPlugin"))
     with pytest.raises(websockify_min.ConfigError, match="Too few arguments"):
         websockify_min.parse_args(["6080"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-v", "6080", "localhost:5900"],
+        ["6080", "-v", "localhost:5900"],
+        ["6080", "localhost:5900", "-v"],
+    ],
+)
+def test_options_may_come_between_the_addresses(argv: List[str]) -> None:
+    options = websockify_min.parse_args(argv)  # as upstream's optparse takes them
+    assert (options.listen_port, options.target_host, options.target_port) == (
+        6080,
+        "localhost",
+        5900,
+    )
+    assert options.verbose
+
+
+def test_unknown_options_between_the_addresses_are_errors() -> None:
+    with pytest.raises(websockify_min.ConfigError, match="unrecognized arguments: --bogus"):
+        websockify_min.parse_args(["6080", "--bogus", "localhost:5900"])
+    with pytest.raises(websockify_min.ConfigError, match="Too many arguments"):
+        websockify_min.parse_args(["6080", "-v", "localhost:5900", "extra"])
