@@ -162,6 +162,13 @@ def make(target: str) -> Path:
     return ROOT / target
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_zipapp() -> None:
+    """When WSMIN_SCRIPT names the zipapp, rebuild it first if the source is newer."""
+    if ROOT / "websockify.pyz" in PROXY_RUNS:
+        make("websockify.pyz")
+
+
 @pytest.fixture(scope="session")
 def rebind_so() -> Path:
     cc = os.environ.get("CC", "cc")
