@@ -466,6 +466,7 @@ def kill_daemon(pid_file: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.smoke
 def test_daemon_serves_once_the_parent_exits_and_stops_by_its_pid_file(
     start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
 ) -> None:
