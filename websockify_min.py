@@ -4842,6 +4842,8 @@ def _absolute_paths(options: Options) -> Options:
         udp = name == "syslog" and value and _is_udp_syslog(value)
         if value and not udp and not os.path.isabs(value) and os.path.exists(value):
             changes[name] = os.path.abspath(value)
+    if options.wrap_cmd:  # looked for beside this file, whose name may be relative
+        changes["rebind"] = _find_rebind(options.rebind)
     return options._replace(**changes)
 
 

@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -21,6 +22,7 @@ import pytest
 import trustme
 from conftest import (
     DEADLINE,
+    PROXY_SCRIPT,
     ProxyFactory,
     RawClient,
     TcpServer,
@@ -30,6 +32,7 @@ from conftest import (
     free_port,
     wait_until,
 )
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.timeout(120)
@@ -802,3 +805,44 @@ def test_run_once_counts_a_websocket_whose_target_is_unreachable(
     assert client.recv_close()[0] == 1011
     client.close()
     assert proxy.wait_exit() == 0
+
+
+@pytest.mark.smoke  # before 3.9 a script's __file__ is relative: the case that matters
+def test_daemon_wraps_a_program_when_started_by_a_relative_script_name(
+    start_proxy: ProxyFactory, rebind_so: Path, tmp_path: Path
+) -> None:
+    """rebind.so is found beside the script before the daemon moves to /."""
+    pid_file = tmp_path / "wrap.pid"
+    log_file = tmp_path / "wrap.log"
+    port = free_port()
+    program = [sys.executable, "-m", "http.server", str(port), "--bind", "0.0.0.0"]
+    parent = start_proxy(
+        "-D", "--pid-file", str(pid_file), "--log-file", str(log_file),
+        f"127.0.0.1:{port}", "--", *program,
+        script=PROXY_SCRIPT.name, cwd=PROXY_SCRIPT.parent,
+    )  # fmt: skip
+    program_pid = 0
+    try:
+        assert parent.wait_exit() == 0, parent.log()
+        wait_until(lambda: "started the wrapped program" in log_file.read_text(), "the program")
+        program_pid = int(re.findall(r"wrapped program \(pid (\d+)\)", log_file.read_text())[0])
+        request = b"GET / HTTP/1.0\r\n\r\n"
+
+        def answered() -> bool:  # until the program has bound its port, the target is refused
+            try:
+                with connect(ws_url(("127.0.0.1", port), "/")) as ws:
+                    ws.send(request)
+                    reply = ws.recv(DEADLINE)
+            except ConnectionClosed:
+                return False
+            return isinstance(reply, bytes) and reply.startswith(b"HTTP/1.0 200")
+
+        wait_until(answered, "the wrapped http.server to answer through the daemon")
+        daemon = int(pid_file.read_text())
+        os.kill(daemon, signal.SIGTERM)
+        wait_until(lambda: process_gone(daemon), "the daemon to exit")
+        wait_until(lambda: process_gone(program_pid), "the wrapped program to be stopped")
+    finally:
+        kill_daemon(pid_file)
+        if program_pid and not process_gone(program_pid):
+            os.kill(program_pid, signal.SIGKILL)
