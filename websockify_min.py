@@ -3378,8 +3378,11 @@ class Session:
             log.info("%s: client sent nothing for %d pings, closing", self.peer, MISSED_PONGS)
             self.abort()
             return
-        self._missed_pongs += 1
-        self.client.write(encode_frame(OP_PING))
+        client = self.client
+        if client.reading or client.queued > HIGH_WATER:
+            self._missed_pongs += 1
+        # else the client is held back for a slow target: its pongs are late, not missing
+        client.write(encode_frame(OP_PING))
         heartbeat = self.server.options.heartbeat
         self._heartbeat = self.loop.call_later(heartbeat, lambda: self._guard(self._ping))
 

@@ -33,6 +33,7 @@ from conftest import (
     rss_kib,
     wait_until,
 )
+from websockets.sync.client import connect
 
 from websockify_min import unmask
 
@@ -514,3 +515,40 @@ def test_a_client_flooding_pings_it_never_reads_is_held_back(
     assert rss_kib(proxy.pid) < RSS_BOUND_KIB
     bystander.close()
     client.close()
+
+
+def test_heartbeat_spares_a_client_held_back_for_a_slow_target(
+    start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
+) -> None:
+    """While the proxy stops reading a client because the target is slow, the client's
+    pongs wait unread: they are late, not missing."""
+    release = threading.Event()
+    received = hashlib.sha256()
+
+    def slow_then_sink(conn: socket.socket) -> None:
+        release.wait(DEADLINE)
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            received.update(data)
+
+    target = tcp_server(slow_then_sink)
+    listen, address = listen_args()
+    proxy = start_proxy("--heartbeat", "0.2", listen, target.target, listen=address)
+    data = os.urandom(16 * 1024 * 1024)
+    with connect(f"ws://127.0.0.1:{address[1]}/", max_size=None) as ws:  # answers pings
+
+        def send_all() -> None:
+            for offset in range(0, len(data), 65536):
+                ws.send(data[offset : offset + 65536])
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        time.sleep(1.5)  # the target stalls for 7 heartbeats: the behaviour under test
+        release.set()
+        sender.join(60)
+        assert not sender.is_alive()
+        ws.send(b"")  # still open: this goes through
+    wait_until(lambda: received.digest() == hashlib.sha256(data).digest(), "all the data")
+    assert "sent nothing for" not in proxy.log()
