@@ -142,6 +142,7 @@ HIGH_WATER = 256 * 1024  # queued bytes above which the other side stops being r
 LOW_WATER = 64 * 1024  # queued bytes below which it is read again
 MISSED_PONGS = 3  # with --heartbeat, a client silent for this many pings is dropped
 WORKER_THREADS = 8  # blocking calls (DNS, plugins) run in this many threads at most
+MAX_WORKERS = 256  # --workers: processes at most
 RECORD_BUFFER = 64 * 1024  # --record: payload bytes gathered before a write leaves the loop
 RECORD_HIGH_WATER = 4 * 1024 * 1024  # --record: bytes not yet on disk above which a relay pauses
 RECORD_CLOSE_TIMEOUT = 30.0  # seconds an exiting proxy waits for record files to be written
@@ -3433,10 +3434,13 @@ class Session:
 
     def shutdown(self) -> None:
         """The server is stopping: say goodbye (1001) to a WebSocket, drop anything else."""
-        if self.state is State.RELAY:
-            self._close_client(CloseCode.GOING_AWAY, "Server shutting down")
-        elif self.state is not State.CLOSING:
-            self.abort()
+        try:
+            if self.state is State.RELAY:
+                self._close_client(CloseCode.GOING_AWAY, "Server shutting down")
+            elif self.state is not State.CLOSING:
+                self.abort()
+        except Exception as exc:  # a client already gone must not stop the others' goodbyes
+            self.on_error(None, exc)
 
     def abort(self) -> None:
         """Close both sides now, dropping anything still queued."""
@@ -3716,8 +3720,11 @@ class Server:
     in a background thread and ``stop()`` ends it. ``address`` is the bound address.
     """
 
-    def __init__(self, options: "Options") -> None:
+    def __init__(
+        self, options: "Options", listeners: Optional[Sequence[socket.socket]] = None
+    ) -> None:
         self.options = options
+        self._given_listeners = list(listeners) if listeners is not None else None
         self.loop = Loop()
         self.tls_context = make_server_context(options)
         self.target_tls_context = make_target_context(options) if options.ssl_target else None
@@ -3770,12 +3777,25 @@ class Server:
         """Open the listening sockets (done by serve_forever and start if not yet)."""
         if self._listeners:
             return
+        if self._given_listeners is not None:  # a worker's: the supervisor says where
+            self._listeners = [_Listener(self, sock) for sock in self._given_listeners]
+            return
         for sock in _open_listeners(self.options):
             self._listeners.append(_Listener(self, sock))
         if self.options.unix_listen:
             self._unix_path = self.options.unix_listen
         for address in self.addresses:
             log.info("listening on %s", _format_address(address))
+
+    def hand_over_listeners(self) -> List[socket.socket]:
+        """Give up the bound sockets, and this server's loop, to serve them elsewhere.
+
+        --workers: the supervisor keeps the sockets for the processes it forks."""
+        self.bind()
+        socks = [listener.sock for listener in self._listeners]
+        self._listeners = []
+        self.loop.close()
+        return socks
 
     def serve_forever(self) -> int:
         """Serve until stopped (SIGTERM/SIGINT in the main thread); return the exit status."""
@@ -4153,8 +4173,9 @@ def _open_listeners(options: "Options") -> List[socket.socket]:
     if options.unix_listen:
         return [_unix_listener(options.unix_listen, options.unix_listen_mode)]
     host, port = options.listen_host, options.listen_port
+    reuse_port = options.workers > 1  # each worker then listens on the port too
     if not host:
-        return [_dual_stack_listener(port)]
+        return [_dual_stack_listener(port, reuse_port)]
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -4166,7 +4187,7 @@ def _open_listeners(options: "Options") -> List[socket.socket]:
         if listeners and port == 0:  # one port on every address of the name
             address = (address[0], listeners[0].getsockname()[1], *address[2:])
         try:
-            listeners.append(_tcp_listener(family, address))
+            listeners.append(_tcp_listener(family, address, reuse_port=reuse_port))
         except OSError as exc:
             # An address this host lacks (::1 without IPv6) is skipped if another one works.
             if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or (
@@ -4182,10 +4203,15 @@ def _open_listeners(options: "Options") -> List[socket.socket]:
     return listeners
 
 
-def _tcp_listener(family: int, address: Any, dual_stack: bool = False) -> socket.socket:
+def _tcp_listener(
+    family: int, address: Any, dual_stack: bool = False, reuse_port: bool = False
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            with contextlib.suppress(OSError):  # not everywhere: workers then share this one
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind(address)
@@ -4196,16 +4222,16 @@ def _tcp_listener(family: int, address: Any, dual_stack: bool = False) -> socket
     return sock
 
 
-def _dual_stack_listener(port: int) -> socket.socket:
+def _dual_stack_listener(port: int, reuse_port: bool = False) -> socket.socket:
     """All interfaces, IPv4 and IPv6 on one socket; IPv4 alone where there is no IPv6."""
     try:
         if socket.has_ipv6:
-            return _tcp_listener(socket.AF_INET6, ("::", port), dual_stack=True)
+            return _tcp_listener(socket.AF_INET6, ("::", port), True, reuse_port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"cannot listen on port {port}: {_strerror(exc)}") from None
     try:
-        return _tcp_listener(socket.AF_INET, ("0.0.0.0", port))
+        return _tcp_listener(socket.AF_INET, ("0.0.0.0", port), reuse_port=reuse_port)
     except OSError as exc:
         raise ConfigError(f"cannot listen on port {port}: {_strerror(exc)}") from None
 
@@ -4246,6 +4272,183 @@ def _inherited_listener(fd: int) -> socket.socket:
     if not accepting:
         raise ConfigError("--inetd: standard input is not a listening socket")
     return socket.socket(family, socket.SOCK_STREAM, 0, os.dup(fd))
+
+
+# -- worker processes (--workers) ---------------------------------------------------------
+
+_RESTART_DELAY = 1.0  # seconds before restarting a worker that died sooner than this after start
+
+
+class _ListenAddress(NamedTuple):
+    """Where a listening socket is bound, to open another one there."""
+
+    family: int
+    address: Any
+    dual_stack: bool
+
+
+def _listen_address(sock: socket.socket) -> _ListenAddress:
+    dual = sock.family == socket.AF_INET6 and not sock.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+    )
+    return _ListenAddress(sock.family, sock.getsockname(), dual)
+
+
+def _reuses_port(sock: socket.socket) -> bool:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
+class _Supervisor:
+    """--workers N: N forked processes, each with its own loop, serving the same port.
+
+    With SO_REUSEPORT each worker listens on a socket of its own and the kernel spreads new
+    connections among them; where that option is missing, and for a unix socket, every
+    worker accepts on the sockets inherited from here. A worker that crashes or is killed
+    is replaced; SIGTERM or SIGINT here stops them all (gracefully, as one process would);
+    SIGHUP reaches them all.
+    """
+
+    def __init__(self, options: "Options", listeners: List[socket.socket]) -> None:
+        self.options = options
+        self.listeners = listeners
+        self.own_sockets = all(_reuses_port(sock) for sock in listeners)
+        self.addresses = [_listen_address(sock) for sock in listeners]
+        self.workers: Dict[int, float] = {}  # pid -> when it started
+        self._signals: List[int] = []
+        self._wake_recv, self._wake_send = socket.socketpair()
+
+    def run(self) -> int:
+        """Start the workers, keep them running until told to stop; return the exit status."""
+        for sock in (self._wake_recv, self._wake_send):
+            sock.setblocking(False)
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_recv, selectors.EVENT_READ)
+        old_wakeup_fd = signal.set_wakeup_fd(self._wake_send.fileno())
+        signums = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
+        old_handlers = {signum: signal.signal(signum, self._on_signal) for signum in signums}
+        mode = "own sockets (SO_REUSEPORT)" if self.own_sockets else "shared sockets"
+        log.info("starting %d worker processes, %s", self.options.workers, mode)
+        try:
+            for index in range(self.options.workers):
+                self._spawn(inherit=index == 0)
+            if self.own_sockets:  # the first worker has them now; this process accepts nothing
+                for sock in self.listeners:
+                    sock.close()
+            self._supervise(selector)
+        finally:
+            signal.set_wakeup_fd(old_wakeup_fd)
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
+            selector.close()
+            self._close_sockets()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _supervise(self, selector: selectors.BaseSelector) -> None:
+        restarts: List[float] = []  # when to start a replacement
+        stop_by: Optional[float] = None
+        while self.workers or (restarts and stop_by is None):
+            now = time.monotonic()
+            due = [when for when in (*restarts, stop_by) if when is not None]
+            timeout = max(0.0, min(due) - now) if due else None
+            selector.select(timeout)
+            with contextlib.suppress(OSError):
+                while self._wake_recv.recv(4096):
+                    pass
+            signums, self._signals = self._signals, []
+            if signal.SIGHUP in signums:  # logrotate: every process reopens its log files
+                _after_reopen(_reopen_log_files(), None)
+                self._signal_workers(signal.SIGHUP)
+            if stop_by is None and (signal.SIGTERM in signums or signal.SIGINT in signums):
+                log.info("stopping %d workers", len(self.workers))
+                stop_by = time.monotonic() + CLOSE_TIMEOUT + 5
+                restarts = []
+                self._signal_workers(signal.SIGTERM)
+            for pid, started, status in self._reap():
+                if stop_by is not None:
+                    continue
+                if os.WIFSIGNALED(status) or os.WEXITSTATUS(status):
+                    how = (
+                        f"was killed by signal {os.WTERMSIG(status)}"
+                        if os.WIFSIGNALED(status)
+                        else f"exited with status {os.WEXITSTATUS(status)}"
+                    )
+                    log.warning("worker %d %s; starting another", pid, how)
+                    soon = time.monotonic() - started < _RESTART_DELAY
+                    restarts.append(time.monotonic() + (_RESTART_DELAY if soon else 0.0))
+                else:  # --timeout, --idle-timeout: it is done, not broken
+                    log.info("worker %d finished", pid)
+            now = time.monotonic()
+            for when in [when for when in restarts if when <= now]:
+                restarts.remove(when)
+                self._spawn(inherit=False)
+            if stop_by is not None and now >= stop_by and self.workers:
+                log.info("workers still running after %gs: killing them", CLOSE_TIMEOUT + 5)
+                self._signal_workers(signal.SIGKILL)
+                stop_by = now + 3600  # reaped as they die; nothing more to send
+
+    def _reap(self) -> List[Tuple[int, float, int]]:
+        reaped = []
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            started = self.workers.pop(pid, None)
+            if started is not None:
+                reaped.append((pid, started, status))
+        return reaped
+
+    def _signal_workers(self, signum: int) -> None:
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _spawn(self, inherit: bool) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self._serve_in_child(inherit)  # never returns
+        self.workers[pid] = time.monotonic()
+
+    def _serve_in_child(self, inherit: bool) -> NoReturn:
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            self._wake_recv.close()
+            self._wake_send.close()
+            if inherit or not self.own_sockets:
+                listeners = self.listeners
+            else:
+                for sock in self.listeners:
+                    sock.close()  # another worker's, if still open here
+                listeners = [
+                    _tcp_listener(where.family, where.address, where.dual_stack, reuse_port=True)
+                    for where in self.addresses
+                ]
+            status = Server(self.options, listeners).serve_forever()
+        except BaseException as exc:  # whatever happens, this process must not return
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                log.error("worker %d failed: %s", os.getpid(), _describe(exc), exc_info=exc)
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
+
+    def _close_sockets(self) -> None:
+        for sock in (*self.listeners, self._wake_recv, self._wake_send):
+            sock.close()
+        if self.options.unix_listen:
+            with contextlib.suppress(OSError):
+                os.unlink(self.options.unix_listen)
 
 
 # -- TLS contexts -------------------------------------------------------------------------
@@ -4410,6 +4613,7 @@ class Options(NamedTuple):
     group: Optional[str] = None
     key_password_file: Optional[str] = None
     key_password_env: Optional[str] = None
+    workers: int = 1  # processes serving the port, each with its own loop
 
 
 _USAGE = """
@@ -4451,6 +4655,16 @@ def _octal_mode(text: str) -> int:
 _positive_number.__name__ = "number"  # argparse names the type in its error messages
 _byte_count.__name__ = "byte count"
 _octal_mode.__name__ = "octal mode"
+
+
+def _worker_count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(text)
+    return value
+
+
+_worker_count.__name__ = f"worker count (1 to {MAX_WORKERS})"
 
 
 def _build_parser() -> _Parser:
@@ -4585,6 +4799,13 @@ def _build_parser() -> _Parser:
     add("--group", metavar="NAME", help="run as this group once listening (start as root)")
     add("--key-password-file", metavar="FILE", help="read the TLS key password from FILE")
     add("--key-password-env", metavar="VAR", help="read the TLS key password from $VAR")
+    add(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="serve with N processes, each with its own loop (default 1)",
+    )
     add("args", nargs="*", help=argparse.SUPPRESS)
     return parser
 
@@ -4676,6 +4897,10 @@ def parse_args(argv: Sequence[str]) -> Options:
     for failed, message in checks:
         if failed:
             raise ConfigError(message)
+    if ns.run_once or ns.inetd:  # one connection, or one inherited socket: one process
+        fields["workers"] = 1
+    if ns.record and fields["workers"] > 1:  # each worker would number its files from 1
+        raise ConfigError("--record cannot be combined with --workers")
     options = Options(**fields)
     for name in _NOT_YET:
         if getattr(options, name):
@@ -5022,6 +5247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _detach_stdio()
         _tell_parent(ready_pipe, "ready")
     try:
+        if options.workers > 1:
+            return _Supervisor(options, server.hand_over_listeners()).run()
         return server.serve_forever()
     finally:
         if pid_file:
