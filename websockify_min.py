@@ -2165,9 +2165,6 @@ class Timer:
         self.callback = callback
         self.cancelled = False
 
-    def __lt__(self, other: "Timer") -> bool:
-        return self.when < other.when
-
     def cancel(self) -> None:
         self.cancelled = True
         self.callback = _do_nothing  # let go of what the callback holds right away
@@ -2254,7 +2251,8 @@ class Loop:
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._timers: List[Timer] = []
+        self._timers: List[Tuple[float, int, Timer]] = []  # tuples: compared in C
+        self._timer_order = itertools.count()  # equal times keep their order
         self._ready: Deque[Callable[[], None]] = collections.deque()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
@@ -2271,7 +2269,7 @@ class Loop:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(time.monotonic() + delay, callback)
-        heapq.heappush(self._timers, timer)
+        heapq.heappush(self._timers, (timer.when, next(self._timer_order), timer))
         return timer
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
@@ -2336,7 +2334,7 @@ class Loop:
         if self._ready:
             timeout = 0
         elif self._timers:
-            timeout = max(0.0, self._timers[0].when - time.monotonic())
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
         for key, events in self._selector.select(timeout):
             watched = key.data
             if watched is None:
@@ -2348,8 +2346,8 @@ class Loop:
                     watched.on_error(exc)
         now = time.monotonic()
         timers = self._timers
-        while timers and timers[0].when <= now:
-            timer = heapq.heappop(timers)
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
             if not timer.cancelled:
                 self._call(timer.callback)
         for _ in range(len(self._ready)):
@@ -2463,7 +2461,10 @@ class Stream(Watched):
         if not self.reading:
             return
         if self.peek:
-            first = self.sock.recv(1, socket.MSG_PEEK)
+            try:
+                first = self.sock.recv(1, socket.MSG_PEEK)
+            except _WOULD_BLOCK:  # read_now() before the first byte came
+                return
             self.peek = False
             if first:
                 self.owner.on_peek(self, first[0])
@@ -2484,6 +2485,13 @@ class Stream(Watched):
             sock = self.sock
             if not (self.reading and isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return
+
+    def read_now(self) -> None:
+        """Read what has already arrived, without waiting for the selector to say so."""
+        try:
+            self._read()
+        except Exception as exc:
+            self.on_error(exc)
 
     def _discard_input(self) -> None:
         try:
@@ -2626,12 +2634,14 @@ class Stream(Watched):
         """Start a non-blocking connect; the owner hears on_connected or on_error."""
         err = self.sock.connect_ex(address)
         if err in _CONNECT_PENDING:
-            self.connecting = True
-            self.update()
-        elif err:
+            if not _is_connected(self.sock):
+                self.connecting = True
+                self.update()
+                return
+            err = 0  # a local target: the handshake is already done, no need to wait for it
+        if err:
             raise OSError(err, os.strerror(err))
-        else:
-            self.owner.on_connected(self)
+        self.owner.on_connected(self)
 
     def _finish_connect(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -2672,6 +2682,14 @@ class Stream(Watched):
                 self._read()
             return
         self.update()
+
+
+def _is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 # === 10. Session ===
@@ -2932,8 +2950,12 @@ class Session:
 
     def start(self) -> None:
         self.client.peek = self.server.tls_context is not None or self.server.options.ssl_only
-        self.client.set_reading(True)
         self._set_deadline(self.server.options.handshake_timeout, self._on_handshake_timeout)
+        # The request has often arrived with the connection: read it before any poll, and
+        # register the socket only if the session still waits for it after that.
+        self.client.reading = True
+        self.client.read_now()
+        self.client.update()
 
     def _on_handshake_timeout(self) -> None:
         if self._web_requests and not self._head:
@@ -5015,6 +5037,13 @@ def configure_logging(options: Options) -> None:
     """Log lines to stderr (not once daemonized), --log-file and --syslog, as upstream does."""
     log.setLevel(logging.DEBUG if options.verbose else logging.INFO)
     log.propagate = False
+    # No format below shows a record's source line, thread or process: finding them for
+    # every record was a quarter of the Python work of a short connection (the logging
+    # HOWTO's own "optimization" switches; this process is ours, main() runs it).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     if not options.daemon:
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(logging.Formatter("%(message)s"))
