@@ -35,9 +35,21 @@ class BenchError(Exception):
     """A client got wrong bytes or no answer."""
 
 
+# A blocking socket with kernel timeouts: one system call per send or receive, where a
+# Python timeout would poll before each (the client must cost little next to the proxy).
+KERNEL_TIMEOUT = struct.pack("ll", int(TIMEOUT), 0)
+
+
 def connect(address: Address, tls: Optional[ssl.SSLContext] = None) -> socket.socket:
-    sock = socket.create_connection(address, timeout=TIMEOUT)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, KERNEL_TIMEOUT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, KERNEL_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
     if tls is not None:
         sock = tls.wrap_socket(sock, server_hostname="localhost")
     return sock
@@ -57,18 +69,23 @@ def read_upgrade(sock: socket.socket) -> bytes:
     return rest
 
 
+HANDSHAKE = handshake_request()
+
+
 def open_ws(address: Address, tls: Optional[ssl.SSLContext] = None) -> Tuple[socket.socket, bytes]:
     sock = connect(address, tls)
-    sock.sendall(handshake_request())
+    sock.sendall(HANDSHAKE)
     return sock, read_upgrade(sock)
 
 
 class FrameReader:
     """Server frames from a socket, payload bytes counted (and CRC'd or kept if asked)."""
 
-    def __init__(self, sock: socket.socket, verify: bool = False, keep: bool = False) -> None:
+    def __init__(
+        self, sock: socket.socket, verify: bool = False, keep: bool = False, size: int = 1 << 20
+    ) -> None:
         self.sock = sock
-        self.buffer = bytearray(1 << 20)
+        self.buffer = bytearray(size)
         self.view = memoryview(self.buffer)
         self.pending = bytearray()  # the start of a frame header split across reads
         self.left = 0  # payload bytes still to come in the current frame
@@ -305,17 +322,22 @@ def echo_latency(address: Address, count: int, ws: bool) -> List[float]:
 # -- 5: connection rate --------------------------------------------------------------------
 
 
+ECHO_PAYLOAD = PATTERN[:32]
+ECHO_REQUEST = stream_header(b"E", 0) + ECHO_PAYLOAD
+ECHO_REQUEST_FRAME = masked_frame(ECHO_REQUEST)
+ECHO_REPLY_FRAME = bytes((0x82, 32)) + ECHO_PAYLOAD
+
+
 def one_connection(address: Address, ws: bool) -> None:
     """Handshake, one 32-byte echo, close: what a short-lived client does."""
-    payload = PATTERN[:32]
     if ws:
         sock, rest = open_ws(address)
-        sock.sendall(masked_frame(stream_header(b"E", 0) + payload))
-        expected = bytes((0x82, 32)) + payload
+        sock.sendall(ECHO_REQUEST_FRAME)
+        expected = ECHO_REPLY_FRAME
     else:
         sock, rest = connect(address), b""
-        sock.sendall(stream_header(b"E", 0) + payload)
-        expected = payload
+        sock.sendall(ECHO_REQUEST)
+        expected = ECHO_PAYLOAD
     got = rest
     try:
         while len(got) < len(expected):
@@ -324,7 +346,7 @@ def one_connection(address: Address, ws: bool) -> None:
                 raise BenchError("closed before the echo")
             got += more
         if ws:  # the echo may come back in two frames if the target read it in two parts
-            reader = FrameReader(sock)
+            reader = FrameReader(sock, size=4096)
             reader.feed(memoryview(got))
             if reader.payload < 32:
                 reader.read_payload(32)
@@ -443,7 +465,7 @@ def hold_sessions(address: Address, count: int, timeout: float) -> List[socket.s
             break
         try:
             sock = socket.create_connection(address, timeout=5.0)
-            sock.sendall(handshake_request())
+            sock.sendall(HANDSHAKE)
             read_upgrade(sock)
         except (OSError, BenchError):
             break
