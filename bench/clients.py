@@ -471,3 +471,29 @@ def hold_sessions(address: Address, count: int, timeout: float) -> List[socket.s
             break
         socks.append(sock)
     return socks
+
+
+def parallel_upload(address: Address, sessions: int, each: int) -> float:
+    """*sessions* uploads of *each* bytes at once (a thread each: sendall releases the GIL);
+    seconds until the last sink confirmed its bytes."""
+    errors: List[BaseException] = []
+    start_together = threading.Barrier(sessions + 1)
+
+    def one() -> None:
+        try:
+            start_together.wait()
+            upload(address, each, True, None, False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(sessions)]
+    for thread in threads:
+        thread.start()
+    start_together.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise BenchError(f"parallel upload: {errors[0]!r}")
+    return elapsed
