@@ -466,7 +466,7 @@ class Bench:
 
                 def measure(kind: str, verify: bool, parallel: int = parallel) -> float:
                     return clients.connection_rate(
-                        procs[kind].address, True, 0.3 if verify else seconds, parallel
+                        procs[kind].address, 0.3 if verify else seconds, parallel
                     )
 
                 samples = alternate(list(procs), self.rounds, measure)
