@@ -380,8 +380,8 @@ class Bench:
 
     # 1, 2
     def throughput(self) -> None:
-        up = (64 if self.quick else 256) * MIB
-        down = (128 if self.quick else 512) * MIB
+        up = (32 if self.quick else 256) * MIB
+        down = (64 if self.quick else 512) * MIB
         procs = self.proxies(self.plain_kinds())
         try:
             for case, name, total, func, target in (
@@ -459,7 +459,7 @@ class Bench:
 
     # 5
     def connection_rate(self) -> None:
-        seconds = 1.0 if self.quick else 2.0
+        seconds = 0.7 if self.quick else 2.0
         procs = self.proxies(["ours", "upstream"])
         try:
             for parallel in (1, 16):
@@ -558,7 +558,7 @@ class Bench:
                 raise BenchError(f"{kind} --help failed: {done.stderr[-300:]!r}")
             return elapsed * 1000
 
-        samples = alternate(["ours", "upstream"], 5 if self.quick else 15, measure)
+        samples = alternate(["ours", "upstream"], 4 if self.quick else 15, measure)
         values = {k: statistics.median(v) for k, v in samples.items()}
         self.report.add("8", "startup, --help", "ms", "lower", values, 1.0, samples)
 
@@ -569,8 +569,8 @@ class Bench:
             print("  (skipped: this websockify_min has no --workers)")
             return
         sessions = 8
-        down = (8 if self.quick else 32) * MIB
-        up = (4 if self.quick else 16) * MIB
+        down = (4 if self.quick else 32) * MIB
+        up = (2 if self.quick else 16) * MIB
         procs = {
             "one": Proxy("ours", self.targets.port, ["--workers", "1"], "ours-1-worker"),
             "two": Proxy("ours", self.targets.port, ["--workers", "2"], "ours-2-workers"),
