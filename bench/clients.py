@@ -567,3 +567,17 @@ def parallel_upload(address: Address, sessions: int, each: int) -> float:
     if errors:
         raise BenchError(f"parallel upload: {errors[0]!r}")
     return elapsed
+
+
+def still_open(socks: List[socket.socket]) -> int:
+    """How many of these idle sessions the server still holds: nothing to read, no EOF."""
+    alive = 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            sock.recv(1, socket.MSG_PEEK)  # data here is a close frame; b"" is EOF
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+    return alive
