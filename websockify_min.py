@@ -4947,6 +4947,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         fields["workers"] = 1
     if ns.record and fields["workers"] > 1:  # each worker would number its files from 1
         raise ConfigError("--record cannot be combined with --workers")
+    if wrap_cmd and fields["workers"] > 1:  # each worker would start the program again
+        raise ConfigError("--workers cannot be combined with a command to wrap")
     options = Options(**fields)
     for name in _NOT_YET:
         if getattr(options, name):

@@ -180,17 +180,18 @@ def test_unix_listen_workers_share_the_inherited_socket(
 @pytest.mark.parametrize(
     "args",
     [
-        ["--workers", "0"],
-        ["--workers", "-2"],
-        ["--workers", "many"],
-        ["--workers", "257"],
-        ["--workers", "2", "--record", "/tmp/never-written"],
+        ["--workers", "0", "127.0.0.1:1"],
+        ["--workers", "-2", "127.0.0.1:1"],
+        ["--workers", "many", "127.0.0.1:1"],
+        ["--workers", "257", "127.0.0.1:1"],
+        ["--workers", "2", "--record", "/tmp/never-written", "127.0.0.1:1"],
+        ["--workers", "2", "--", "true"],
     ],
 )
 def test_bad_worker_options_exit_2_with_one_line(
     start_proxy: ProxyFactory, args: List[str]
 ) -> None:
-    proxy = start_proxy(*args, "127.0.0.1:0", "127.0.0.1:1")
+    proxy = start_proxy(f"127.0.0.1:{free_port()}", *args)
     assert proxy.wait_exit() == 2
     output = proxy.log().strip()
     assert len(output.splitlines()) == 1, output
