@@ -13,7 +13,7 @@ CC     ?= cc
 CFLAGS ?= -O2
 REBIND_CFLAGS = -Wall -Wextra -Werror -fPIC -shared
 
-.PHONY: all test lint typecheck unit matrix system-deps node-deps pyz bench bench-quick soak clean
+.PHONY: all test lint typecheck unit matrix system-deps node-deps pyz bench bench-quick bench-deps soak clean
 
 all: rebind.so
 
@@ -71,11 +71,29 @@ websockify.pyz: websockify_min.py zipapp/__main__.py
 	cp websockify_min.py zipapp/__main__.py build/pyz/
 	$(PYTHON) -m zipapp build/pyz -o $@ -p '/usr/bin/env python3'
 
-bench:
-	$(PYTHON) bench/run.py
+# The benchmark's own venv: upstream websockify with numpy, to compare against.
+BENCH_VENV ?= bench/.venv
 
-bench-quick:
-	$(PYTHON) bench/run.py --quick
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+# socat is the plain TCP relay the throughput cases compare with.
+bench-deps: $(BENCH_VENV)/.installed
+	@command -v socat >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing socat"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null; }; \
+	  else echo "socat missing (not root or no apt-get): its column stays empty" >&2; fi; }
+
+bench: bench-deps
+	$(BENCH_VENV)/bin/python bench/run.py
+
+bench-quick: bench-deps
+	$(BENCH_VENV)/bin/python bench/run.py --quick
 
 DURATION ?= 600
 soak:

@@ -142,6 +142,7 @@ HIGH_WATER = 256 * 1024  # queued bytes above which the other side stops being r
 LOW_WATER = 64 * 1024  # queued bytes below which it is read again
 MISSED_PONGS = 3  # with --heartbeat, a client silent for this many pings is dropped
 WORKER_THREADS = 8  # blocking calls (DNS, plugins) run in this many threads at most
+MAX_WORKERS = 256  # --workers: processes at most
 RECORD_BUFFER = 64 * 1024  # --record: payload bytes gathered before a write leaves the loop
 RECORD_HIGH_WATER = 4 * 1024 * 1024  # --record: bytes not yet on disk above which a relay pauses
 RECORD_CLOSE_TIMEOUT = 30.0  # seconds an exiting proxy waits for record files to be written
@@ -2164,9 +2165,6 @@ class Timer:
         self.callback = callback
         self.cancelled = False
 
-    def __lt__(self, other: "Timer") -> bool:
-        return self.when < other.when
-
     def cancel(self) -> None:
         self.cancelled = True
         self.callback = _do_nothing  # let go of what the callback holds right away
@@ -2253,7 +2251,8 @@ class Loop:
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._timers: List[Timer] = []
+        self._timers: List[Tuple[float, int, Timer]] = []  # tuples: compared in C
+        self._timer_order = itertools.count()  # equal times keep their order
         self._ready: Deque[Callable[[], None]] = collections.deque()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
@@ -2270,7 +2269,7 @@ class Loop:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(time.monotonic() + delay, callback)
-        heapq.heappush(self._timers, timer)
+        heapq.heappush(self._timers, (timer.when, next(self._timer_order), timer))
         return timer
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
@@ -2335,7 +2334,7 @@ class Loop:
         if self._ready:
             timeout = 0
         elif self._timers:
-            timeout = max(0.0, self._timers[0].when - time.monotonic())
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
         for key, events in self._selector.select(timeout):
             watched = key.data
             if watched is None:
@@ -2347,8 +2346,8 @@ class Loop:
                     watched.on_error(exc)
         now = time.monotonic()
         timers = self._timers
-        while timers and timers[0].when <= now:
-            timer = heapq.heappop(timers)
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
             if not timer.cancelled:
                 self._call(timer.callback)
         for _ in range(len(self._ready)):
@@ -2462,27 +2461,61 @@ class Stream(Watched):
         if not self.reading:
             return
         if self.peek:
-            first = self.sock.recv(1, socket.MSG_PEEK)
+            try:
+                first = self.sock.recv(1, socket.MSG_PEEK)
+            except _WOULD_BLOCK:  # read_now() before the first byte came
+                return
             self.peek = False
             if first:
                 self.owner.on_peek(self, first[0])
                 return
         view = self.loop.recv_view
         while True:
-            try:
-                size = self.sock.recv_into(self.loop.recv_buffer)
-            except _WOULD_BLOCK:
+            if self.tls:
+                size, eof = self._read_records(view)
+            else:
+                try:
+                    size = self.sock.recv_into(self.loop.recv_buffer)
+                except _WOULD_BLOCK:
+                    return
+                eof = not size
+            if size:
+                self.owner.on_data(self, view[:size])
+            if eof:
+                if self.reading and not self.closed:  # else it is seen again when reading
+                    self.reading = False
+                    self.update()
+                    self.owner.on_eof(self)
                 return
-            if not size:
-                self.reading = False
-                self.update()
-                self.owner.on_eof(self)
-                return
-            self.owner.on_data(self, view[:size])
             # TLS decrypts whole records: bytes already decrypted never wake the selector.
             sock = self.sock
-            if not (self.reading and isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            if not (size and self.reading and isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return
+
+    def _read_records(self, view: memoryview) -> Tuple[int, bool]:
+        """Read every TLS record already here into *view*: (bytes read, end of stream seen).
+
+        An SSL socket returns at most one record (16 KiB) per read; handing each to the
+        session on its own made a wss:// upload slower than upstream's (unmask, send and
+        Python overhead per record instead of per buffer).
+        """
+        size, end = 0, len(view)
+        while size < end:
+            try:
+                got = self.sock.recv_into(view[size:])
+            except _WOULD_BLOCK:
+                break
+            if not got:
+                return size, True
+            size += got
+        return size, False
+
+    def read_now(self) -> None:
+        """Read what has already arrived, without waiting for the selector to say so."""
+        try:
+            self._read()
+        except Exception as exc:
+            self.on_error(exc)
 
     def _discard_input(self) -> None:
         try:
@@ -2625,12 +2658,14 @@ class Stream(Watched):
         """Start a non-blocking connect; the owner hears on_connected or on_error."""
         err = self.sock.connect_ex(address)
         if err in _CONNECT_PENDING:
-            self.connecting = True
-            self.update()
-        elif err:
+            if not _is_connected(self.sock):
+                self.connecting = True
+                self.update()
+                return
+            err = 0  # a local target: the handshake is already done, no need to wait for it
+        if err:
             raise OSError(err, os.strerror(err))
-        else:
-            self.owner.on_connected(self)
+        self.owner.on_connected(self)
 
     def _finish_connect(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -2671,6 +2706,14 @@ class Stream(Watched):
                 self._read()
             return
         self.update()
+
+
+def _is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 # === 10. Session ===
@@ -2931,8 +2974,12 @@ class Session:
 
     def start(self) -> None:
         self.client.peek = self.server.tls_context is not None or self.server.options.ssl_only
-        self.client.set_reading(True)
         self._set_deadline(self.server.options.handshake_timeout, self._on_handshake_timeout)
+        # The request has often arrived with the connection: read it before any poll, and
+        # register the socket only if the session still waits for it after that.
+        self.client.reading = True
+        self.client.read_now()
+        self.client.update()
 
     def _on_handshake_timeout(self) -> None:
         if self._web_requests and not self._head:
@@ -3436,10 +3483,13 @@ class Session:
 
     def shutdown(self) -> None:
         """The server is stopping: say goodbye (1001) to a WebSocket, drop anything else."""
-        if self.state is State.RELAY:
-            self._close_client(CloseCode.GOING_AWAY, "Server shutting down")
-        elif self.state is not State.CLOSING:
-            self.abort()
+        try:
+            if self.state is State.RELAY:
+                self._close_client(CloseCode.GOING_AWAY, "Server shutting down")
+            elif self.state is not State.CLOSING:
+                self.abort()
+        except Exception as exc:  # a client already gone must not stop the others' goodbyes
+            self.on_error(None, exc)
 
     def abort(self) -> None:
         """Close both sides now, dropping anything still queued."""
@@ -3719,8 +3769,11 @@ class Server:
     in a background thread and ``stop()`` ends it. ``address`` is the bound address.
     """
 
-    def __init__(self, options: "Options") -> None:
+    def __init__(
+        self, options: "Options", listeners: Optional[Sequence[socket.socket]] = None
+    ) -> None:
         self.options = options
+        self._given_listeners = list(listeners) if listeners is not None else None
         self.loop = Loop()
         self.tls_context = make_server_context(options)
         self.target_tls_context = make_target_context(options) if options.ssl_target else None
@@ -3773,12 +3826,25 @@ class Server:
         """Open the listening sockets (done by serve_forever and start if not yet)."""
         if self._listeners:
             return
+        if self._given_listeners is not None:  # a worker's: the supervisor says where
+            self._listeners = [_Listener(self, sock) for sock in self._given_listeners]
+            return
         for sock in _open_listeners(self.options):
             self._listeners.append(_Listener(self, sock))
         if self.options.unix_listen:
             self._unix_path = self.options.unix_listen
         for address in self.addresses:
             log.info("listening on %s", _format_address(address))
+
+    def hand_over_listeners(self) -> List[socket.socket]:
+        """Give up the bound sockets, and this server's loop, to serve them elsewhere.
+
+        --workers: the supervisor keeps the sockets for the processes it forks."""
+        self.bind()
+        socks = [listener.sock for listener in self._listeners]
+        self._listeners = []
+        self.loop.close()
+        return socks
 
     def serve_forever(self) -> int:
         """Serve until stopped (SIGTERM/SIGINT in the main thread); return the exit status."""
@@ -4156,8 +4222,9 @@ def _open_listeners(options: "Options") -> List[socket.socket]:
     if options.unix_listen:
         return [_unix_listener(options.unix_listen, options.unix_listen_mode)]
     host, port = options.listen_host, options.listen_port
+    reuse_port = options.workers > 1  # each worker then listens on the port too
     if not host:
-        return [_dual_stack_listener(port)]
+        return [_dual_stack_listener(port, reuse_port)]
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -4169,7 +4236,7 @@ def _open_listeners(options: "Options") -> List[socket.socket]:
         if listeners and port == 0:  # one port on every address of the name
             address = (address[0], listeners[0].getsockname()[1], *address[2:])
         try:
-            listeners.append(_tcp_listener(family, address))
+            listeners.append(_tcp_listener(family, address, reuse_port=reuse_port))
         except OSError as exc:
             # An address this host lacks (::1 without IPv6) is skipped if another one works.
             if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or (
@@ -4185,10 +4252,15 @@ def _open_listeners(options: "Options") -> List[socket.socket]:
     return listeners
 
 
-def _tcp_listener(family: int, address: Any, dual_stack: bool = False) -> socket.socket:
+def _tcp_listener(
+    family: int, address: Any, dual_stack: bool = False, reuse_port: bool = False
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            with contextlib.suppress(OSError):  # not everywhere: workers then share this one
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind(address)
@@ -4199,16 +4271,16 @@ def _tcp_listener(family: int, address: Any, dual_stack: bool = False) -> socket
     return sock
 
 
-def _dual_stack_listener(port: int) -> socket.socket:
+def _dual_stack_listener(port: int, reuse_port: bool = False) -> socket.socket:
     """All interfaces, IPv4 and IPv6 on one socket; IPv4 alone where there is no IPv6."""
     try:
         if socket.has_ipv6:
-            return _tcp_listener(socket.AF_INET6, ("::", port), dual_stack=True)
+            return _tcp_listener(socket.AF_INET6, ("::", port), True, reuse_port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"cannot listen on port {port}: {_strerror(exc)}") from None
     try:
-        return _tcp_listener(socket.AF_INET, ("0.0.0.0", port))
+        return _tcp_listener(socket.AF_INET, ("0.0.0.0", port), reuse_port=reuse_port)
     except OSError as exc:
         raise ConfigError(f"cannot listen on port {port}: {_strerror(exc)}") from None
 
@@ -4249,6 +4321,183 @@ def _inherited_listener(fd: int) -> socket.socket:
     if not accepting:
         raise ConfigError("--inetd: standard input is not a listening socket")
     return socket.socket(family, socket.SOCK_STREAM, 0, os.dup(fd))
+
+
+# -- worker processes (--workers) ---------------------------------------------------------
+
+_RESTART_DELAY = 1.0  # seconds before restarting a worker that died sooner than this after start
+
+
+class _ListenAddress(NamedTuple):
+    """Where a listening socket is bound, to open another one there."""
+
+    family: int
+    address: Any
+    dual_stack: bool
+
+
+def _listen_address(sock: socket.socket) -> _ListenAddress:
+    dual = sock.family == socket.AF_INET6 and not sock.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+    )
+    return _ListenAddress(sock.family, sock.getsockname(), dual)
+
+
+def _reuses_port(sock: socket.socket) -> bool:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
+class _Supervisor:
+    """--workers N: N forked processes, each with its own loop, serving the same port.
+
+    With SO_REUSEPORT each worker listens on a socket of its own and the kernel spreads new
+    connections among them; where that option is missing, and for a unix socket, every
+    worker accepts on the sockets inherited from here. A worker that crashes or is killed
+    is replaced; SIGTERM or SIGINT here stops them all (gracefully, as one process would);
+    SIGHUP reaches them all.
+    """
+
+    def __init__(self, options: "Options", listeners: List[socket.socket]) -> None:
+        self.options = options
+        self.listeners = listeners
+        self.own_sockets = all(_reuses_port(sock) for sock in listeners)
+        self.addresses = [_listen_address(sock) for sock in listeners]
+        self.workers: Dict[int, float] = {}  # pid -> when it started
+        self._signals: List[int] = []
+        self._wake_recv, self._wake_send = socket.socketpair()
+
+    def run(self) -> int:
+        """Start the workers, keep them running until told to stop; return the exit status."""
+        for sock in (self._wake_recv, self._wake_send):
+            sock.setblocking(False)
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_recv, selectors.EVENT_READ)
+        old_wakeup_fd = signal.set_wakeup_fd(self._wake_send.fileno())
+        signums = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
+        old_handlers = {signum: signal.signal(signum, self._on_signal) for signum in signums}
+        mode = "own sockets (SO_REUSEPORT)" if self.own_sockets else "shared sockets"
+        log.info("starting %d worker processes, %s", self.options.workers, mode)
+        try:
+            for index in range(self.options.workers):
+                self._spawn(inherit=index == 0)
+            if self.own_sockets:  # the first worker has them now; this process accepts nothing
+                for sock in self.listeners:
+                    sock.close()
+            self._supervise(selector)
+        finally:
+            signal.set_wakeup_fd(old_wakeup_fd)
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
+            selector.close()
+            self._close_sockets()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _supervise(self, selector: selectors.BaseSelector) -> None:
+        restarts: List[float] = []  # when to start a replacement
+        stop_by: Optional[float] = None
+        while self.workers or (restarts and stop_by is None):
+            now = time.monotonic()
+            due = [when for when in (*restarts, stop_by) if when is not None]
+            timeout = max(0.0, min(due) - now) if due else None
+            selector.select(timeout)
+            with contextlib.suppress(OSError):
+                while self._wake_recv.recv(4096):
+                    pass
+            signums, self._signals = self._signals, []
+            if signal.SIGHUP in signums:  # logrotate: every process reopens its log files
+                _after_reopen(_reopen_log_files(), None)
+                self._signal_workers(signal.SIGHUP)
+            if stop_by is None and (signal.SIGTERM in signums or signal.SIGINT in signums):
+                log.info("stopping %d workers", len(self.workers))
+                stop_by = time.monotonic() + CLOSE_TIMEOUT + 5
+                restarts = []
+                self._signal_workers(signal.SIGTERM)
+            for pid, started, status in self._reap():
+                if stop_by is not None:
+                    continue
+                if os.WIFSIGNALED(status) or os.WEXITSTATUS(status):
+                    how = (
+                        f"was killed by signal {os.WTERMSIG(status)}"
+                        if os.WIFSIGNALED(status)
+                        else f"exited with status {os.WEXITSTATUS(status)}"
+                    )
+                    log.warning("worker %d %s; starting another", pid, how)
+                    soon = time.monotonic() - started < _RESTART_DELAY
+                    restarts.append(time.monotonic() + (_RESTART_DELAY if soon else 0.0))
+                else:  # --timeout, --idle-timeout: it is done, not broken
+                    log.info("worker %d finished", pid)
+            now = time.monotonic()
+            for when in [when for when in restarts if when <= now]:
+                restarts.remove(when)
+                self._spawn(inherit=False)
+            if stop_by is not None and now >= stop_by and self.workers:
+                log.info("workers still running after %gs: killing them", CLOSE_TIMEOUT + 5)
+                self._signal_workers(signal.SIGKILL)
+                stop_by = now + 3600  # reaped as they die; nothing more to send
+
+    def _reap(self) -> List[Tuple[int, float, int]]:
+        reaped = []
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            started = self.workers.pop(pid, None)
+            if started is not None:
+                reaped.append((pid, started, status))
+        return reaped
+
+    def _signal_workers(self, signum: int) -> None:
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _spawn(self, inherit: bool) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self._serve_in_child(inherit)  # never returns
+        self.workers[pid] = time.monotonic()
+
+    def _serve_in_child(self, inherit: bool) -> NoReturn:
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            self._wake_recv.close()
+            self._wake_send.close()
+            if inherit or not self.own_sockets:
+                listeners = self.listeners
+            else:
+                for sock in self.listeners:
+                    sock.close()  # another worker's, if still open here
+                listeners = [
+                    _tcp_listener(where.family, where.address, where.dual_stack, reuse_port=True)
+                    for where in self.addresses
+                ]
+            status = Server(self.options, listeners).serve_forever()
+        except BaseException as exc:  # whatever happens, this process must not return
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                log.error("worker %d failed: %s", os.getpid(), _describe(exc), exc_info=exc)
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
+
+    def _close_sockets(self) -> None:
+        for sock in (*self.listeners, self._wake_recv, self._wake_send):
+            sock.close()
+        if self.options.unix_listen:
+            with contextlib.suppress(OSError):
+                os.unlink(self.options.unix_listen)
 
 
 # -- TLS contexts -------------------------------------------------------------------------
@@ -4413,6 +4662,7 @@ class Options(NamedTuple):
     group: Optional[str] = None
     key_password_file: Optional[str] = None
     key_password_env: Optional[str] = None
+    workers: int = 1  # processes serving the port, each with its own loop
 
 
 _USAGE = """
@@ -4454,6 +4704,16 @@ def _octal_mode(text: str) -> int:
 _positive_number.__name__ = "number"  # argparse names the type in its error messages
 _byte_count.__name__ = "byte count"
 _octal_mode.__name__ = "octal mode"
+
+
+def _worker_count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(text)
+    return value
+
+
+_worker_count.__name__ = f"worker count (1 to {MAX_WORKERS})"
 
 
 def _build_parser() -> _Parser:
@@ -4588,6 +4848,13 @@ def _build_parser() -> _Parser:
     add("--group", metavar="NAME", help="run as this group once listening (start as root)")
     add("--key-password-file", metavar="FILE", help="read the TLS key password from FILE")
     add("--key-password-env", metavar="VAR", help="read the TLS key password from $VAR")
+    add(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="serve with N processes, each with its own loop (default 1)",
+    )
     add("args", nargs="*", help=argparse.SUPPRESS)
     return parser
 
@@ -4679,6 +4946,12 @@ def parse_args(argv: Sequence[str]) -> Options:
     for failed, message in checks:
         if failed:
             raise ConfigError(message)
+    if ns.run_once or ns.inetd:  # one connection, or one inherited socket: one process
+        fields["workers"] = 1
+    if ns.record and fields["workers"] > 1:  # each worker would number its files from 1
+        raise ConfigError("--record cannot be combined with --workers")
+    if wrap_cmd and fields["workers"] > 1:  # each worker would start the program again
+        raise ConfigError("--workers cannot be combined with a command to wrap")
     options = Options(**fields)
     for name in _NOT_YET:
         if getattr(options, name):
@@ -4793,6 +5066,13 @@ def configure_logging(options: Options) -> None:
     """Log lines to stderr (not once daemonized), --log-file and --syslog, as upstream does."""
     log.setLevel(logging.DEBUG if options.verbose else logging.INFO)
     log.propagate = False
+    # No format below shows a record's source line, thread or process: finding them for
+    # every record was a quarter of the Python work of a short connection (the logging
+    # HOWTO's own "optimization" switches; this process is ours, main() runs it).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     if not options.daemon:
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(logging.Formatter("%(message)s"))
@@ -5027,6 +5307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _detach_stdio()
         _tell_parent(ready_pipe, "ready")
     try:
+        if options.workers > 1:
+            return _Supervisor(options, server.hand_over_listeners()).run()
         return server.serve_forever()
     finally:
         if pid_file:

@@ -1,0 +1,220 @@
+"""--workers N: real worker processes, killed and stopped by pid, serving real clients."""
+
+import os
+import signal
+import socket
+import struct
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import pytest
+from conftest import (
+    DEADLINE,
+    Proxy,
+    ProxyFactory,
+    RawClient,
+    TcpServer,
+    free_port,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def listen_args() -> Tuple[str, Tuple[str, int]]:
+    port = free_port()
+    return f"127.0.0.1:{port}", ("127.0.0.1", port)
+
+
+def children_of(pid: int) -> Set[int]:
+    """The live child processes of *pid* (zombies, already dead, are left out)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_workers(proxy: Proxy, count: int) -> Set[int]:
+    workers: Set[int] = set()
+
+    def started() -> bool:
+        nonlocal workers
+        workers = children_of(proxy.pid)
+        return len(workers) == count
+
+    wait_until(started, f"{count} worker processes")
+    return workers
+
+
+def open_sockets(pid: int) -> int:
+    return sum(
+        os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        for fd in os.listdir(f"/proc/{pid}/fd")
+    )
+
+
+def echo_through(clients: List[RawClient]) -> None:
+    for index, client in enumerate(clients):
+        payload = f"client {index}".encode()
+        client.send(0x2, payload)
+        assert client.recv_data(len(payload)) == payload
+
+
+@pytest.mark.smoke
+def test_two_workers_share_the_port_and_both_serve(
+    start_proxy: ProxyFactory, echo_server: TcpServer
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy("--workers", "2", listen, echo_server.target, listen=address)
+    workers = wait_workers(proxy, 2)
+    idle: Dict[int, int] = {pid: open_sockets(pid) for pid in workers}
+    clients = [RawClient.connect(address) for _ in range(24)]
+    try:
+        echo_through(clients)
+        # The kernel spreads connections over the workers' sockets: each holds some now
+        # (24 connections all landing on one of two workers: odds of 1 in 8 million).
+        for pid in workers:
+            assert open_sockets(pid) > idle[pid], f"worker {pid} got no connection"
+        assert "starting 2 worker processes" in proxy.log()
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_killed_worker_is_replaced_and_service_continues(
+    start_proxy: ProxyFactory, echo_server: TcpServer
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy("--workers", "2", listen, echo_server.target, listen=address)
+    workers = wait_workers(proxy, 2)
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not alive(victim), "the killed worker to be reaped")
+    replaced = wait_workers(proxy, 2)
+    assert victim not in replaced and len(replaced & workers) == 1
+    proxy.wait_log(f"worker {victim} was killed by signal 9")
+    clients = [RawClient.connect(address) for _ in range(12)]
+    try:
+        echo_through(clients)
+    finally:
+        for client in clients:
+            client.close()
+    assert proxy.proc.poll() is None
+
+
+def test_sigterm_stops_every_worker_gracefully(
+    start_proxy: ProxyFactory, echo_server: TcpServer
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy("--workers", "3", listen, echo_server.target, listen=address)
+    workers = wait_workers(proxy, 3)
+    clients = [RawClient.connect(address) for _ in range(6)]
+    echo_through(clients)
+    os.kill(proxy.pid, signal.SIGTERM)
+    for client in clients:  # every worker says goodbye to its sessions
+        assert client.recv_close() == (1001, "Server shutting down")
+        client.send(0x8, struct.pack("!H", 1001))
+        client.close()
+    assert proxy.wait_exit() == 0
+    # Reaped by the supervisor, not orphaned and still running.
+    wait_until(lambda: not any(alive(pid) for pid in workers), "every worker to be gone")
+    with pytest.raises(OSError):
+        RawClient.connect(address)
+
+
+def test_run_once_and_inetd_serve_in_one_process(
+    start_proxy: ProxyFactory, echo_server: TcpServer
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy("--workers", "4", "--run-once", listen, echo_server.target, listen=address)
+    assert children_of(proxy.pid) == set()
+    client = RawClient.connect(address)
+    echo_through([client])
+    client.send(0x8, struct.pack("!H", 1000))
+    assert client.recv_close()[0] == 1000
+    client.close()
+    assert proxy.wait_exit() == 0
+    assert "worker" not in proxy.log()
+
+
+def test_unix_listen_workers_share_the_inherited_socket(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "proxy.sock")
+    proxy = start_proxy("--workers", "2", "--unix-listen", path, echo_server.target, listen=path)
+    wait_workers(proxy, 2)
+    assert "shared sockets" in proxy.log()
+    clients = []
+    for _ in range(8):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(DEADLINE)
+        sock.connect(path)
+        client = RawClient(sock)
+        status, _ = client.handshake(protocols=("binary",))
+        assert status == 101
+        clients.append(client)
+    echo_through(clients)
+    for client in clients:
+        client.close()
+    os.kill(proxy.pid, signal.SIGTERM)
+    assert proxy.wait_exit() == 0
+    assert not os.path.exists(path)  # removed once, by the supervisor, at the end
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--workers", "0", "127.0.0.1:1"],
+        ["--workers", "-2", "127.0.0.1:1"],
+        ["--workers", "many", "127.0.0.1:1"],
+        ["--workers", "257", "127.0.0.1:1"],
+        ["--workers", "2", "--record", "/tmp/never-written", "127.0.0.1:1"],
+        ["--workers", "2", "--", "true"],
+    ],
+)
+def test_bad_worker_options_exit_2_with_one_line(
+    start_proxy: ProxyFactory, args: List[str]
+) -> None:
+    proxy = start_proxy(f"127.0.0.1:{free_port()}", *args)
+    assert proxy.wait_exit() == 2
+    output = proxy.log().strip()
+    assert len(output.splitlines()) == 1, output
+    assert "--workers" in output and "Traceback" not in output
+
+
+def test_sighup_reaches_every_worker_and_stops_none(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    listen, address = listen_args()
+    log_file = tmp_path / "proxy.log"
+    proxy = start_proxy(
+        "--workers", "2", "--log-file", str(log_file), listen, echo_server.target, listen=address
+    )
+    workers = wait_workers(proxy, 2)
+    log_file.rename(tmp_path / "proxy.log.1")  # as logrotate does before signalling
+    os.kill(proxy.pid, signal.SIGHUP)
+
+    def reopened_by_all() -> bool:
+        return log_file.exists() and log_file.read_text().count("log files reopened") == 3
+
+    wait_until(reopened_by_all, "the supervisor and both workers to reopen the log file")
+    assert children_of(proxy.pid) == workers and proxy.proc.poll() is None
+    client = RawClient.connect(address)
+    echo_through([client])
+    client.close()
