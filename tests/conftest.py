@@ -55,6 +55,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def listen_args() -> Tuple[str, Tuple[str, int]]:
+    """A free 127.0.0.1 port as the proxy's listen argument and as the address to connect to."""
+    port = free_port()
+    return f"127.0.0.1:{port}", ("127.0.0.1", port)
+
+
+def ws_url(address: Tuple[str, int], path: str = "/websockify") -> str:
+    """The ws:// URL of *path* at *address*, IPv6 hosts in brackets."""
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    return f"ws://{host}:{address[1]}{path}"
+
+
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
     """Poll *predicate* until it holds; fail the test when *timeout* passes first."""
     deadline = time.monotonic() + timeout

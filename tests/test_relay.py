@@ -16,24 +16,17 @@ from conftest import (
     RawClient,
     TcpServer,
     client_frame,
+    cpu_seconds,
     echo_checksummed,
     free_port,
+    listen_args,
     wait_until,
+    ws_url,
 )
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def listen_args() -> Tuple[str, Tuple[str, int]]:
-    port = free_port()
-    return f"127.0.0.1:{port}", ("127.0.0.1", port)
-
-
-def ws_url(address: Tuple[str, int], path: str = "/websockify") -> str:
-    host = f"[{address[0]}]" if ":" in address[0] else address[0]
-    return f"ws://{host}:{address[1]}{path}"
 
 
 @pytest.mark.smoke
@@ -488,11 +481,6 @@ def can_accept(address: Tuple[str, int]) -> bool:
     except OSError:
         return False
     return True
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_out_of_descriptors_does_not_spin_and_recovers(

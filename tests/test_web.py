@@ -22,7 +22,9 @@ from conftest import (
     RawClient,
     TcpServer,
     echo_checksummed,
-    free_port,
+    listen_args,
+    rss_kib,
+    ws_url,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -79,21 +81,12 @@ def site(tmp_path: Path) -> Site:
     return Site(root, secret, sums)
 
 
-def listen_args() -> Tuple[str, Tuple[str, int]]:
-    port = free_port()
-    return f"127.0.0.1:{port}", ("127.0.0.1", port)
-
-
 def start_web(
     start_proxy: ProxyFactory, site: Site, target: str, *extra: str
 ) -> Tuple[Proxy, Tuple[str, int]]:
     listen, address = listen_args()
     proxy = start_proxy("--web", str(site.root), *extra, listen, target, listen=address)
     return proxy, address
-
-
-def ws_url(address: Tuple[str, int], path: str = "/websockify") -> str:
-    return f"ws://{address[0]}:{address[1]}{path}"
 
 
 class Response(NamedTuple):
@@ -238,14 +231,6 @@ def _download_beside_a_websocket(
     assert not reader.is_alive()
     assert received == size
     assert digest.hexdigest() == expected
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_head_sends_headers_only(
