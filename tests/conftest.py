@@ -8,6 +8,7 @@ several paths joined with ":" run each test that starts a proxy once with each.
 
 import base64
 import hashlib
+import http.server
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
 from websockets.sync.client import ClientConnection
@@ -230,26 +231,16 @@ def start_proxy(tmp_path: Path, proxy_run: Path) -> Iterator[ProxyFactory]:
 # -- targets -------------------------------------------------------------------------------
 
 
-class TcpServer:
-    """A threaded TCP server on 127.0.0.1 with one handler per connection."""
+class ThreadedServer:
+    """Serves a listening socket, one thread and one *handler* call per connection."""
 
-    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(512)
-        self.port = int(self.sock.getsockname()[1])
-        self.host = host
+    def __init__(self, sock: socket.socket, handler: Callable[[socket.socket], None]) -> None:
+        self.sock = sock
         self.handler = handler
         self.connections: List[socket.socket] = []
         self._closed = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
-
-    @property
-    def target(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def _serve(self) -> None:
         while not self._closed:
@@ -276,6 +267,24 @@ class TcpServer:
                 conn.close()
             except OSError:
                 pass
+
+
+class TcpServer(ThreadedServer):
+    """A threaded TCP server on 127.0.0.1 with one handler per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(512)
+        self.port = int(sock.getsockname()[1])
+        self.host = host
+        super().__init__(sock, handler)
+
+    @property
+    def target(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def echo_handler(conn: socket.socket) -> None:
@@ -311,6 +320,46 @@ def tcp_server() -> Iterator[Callable[..., TcpServer]]:
 # -- redis-server, for the TokenRedis plugin ----------------------------------------------
 
 REDIS_PASSWORD = "s3cr:et"  # with a colon: sources must quote it
+
+
+class HttpService:
+    """An HTTP server on 127.0.0.1 in a thread; each GET is answered by `answer`.
+
+    It records the paths asked for; `release` is what an answer that stalls waits for,
+    set when the service closes."""
+
+    def __init__(self) -> None:
+        self.paths: List[str] = []
+        self.release = threading.Event()
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                service.paths.append(self.path)
+                status, body = service.answer(self.path)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def answer(self, path: str) -> Tuple[int, bytes]:
+        """The status and body for a GET of *path*."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(DEADLINE)
 
 
 class RedisServer:
@@ -360,6 +409,17 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def assert_echoed(ws: ClientConnection, payload: bytes) -> None:
+    """Send *payload* through an echo target; it must come back whole, in however many frames."""
+    ws.send(payload)
+    echoed = b""
+    while len(echoed) < len(payload):
+        chunk = ws.recv(DEADLINE)
+        assert isinstance(chunk, bytes)
+        echoed += chunk
+    assert echoed == payload
 
 
 def echo_checksummed(ws: ClientConnection, size: int, message_size: int) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
-from conftest import REDIS_PASSWORD, RedisServer
+from conftest import REDIS_PASSWORD, HttpService, RedisServer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -580,55 +580,32 @@ def test_json_token_file_must_start_valid(content: str, tmp_path: Path) -> None:
 # --- BaseTokenAPI and JSONTokenApi against a real HTTP server ---
 
 
-class TokenService:
-    """A token API on 127.0.0.1 that answers by path: /plain/, /json/, /status/N, /slow/."""
+class TokenService(HttpService):
+    """A token API that answers by path: /plain/, /json/, /status/N, /slow/, /big/, /raw/."""
 
     def __init__(self) -> None:
         self.targets = {"vm1": "10.0.0.1:5900", "vm2": "h2:5901"}
-        self.paths: List[str] = []
-        self.release = threading.Event()
-        service = self
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                service.paths.append(self.path)
-                kind, _, token = self.path.lstrip("/").partition("/")
-                status, body = 200, b""
-                if kind == "status":
-                    status = int(token)
-                elif kind == "slow":
-                    service.release.wait(10)
-                    body = b"h:1"
-                elif kind == "big":
-                    body = b"h:1" + b" " * (70 * 1024)
-                elif kind == "raw":
-                    body = token.encode()
-                elif token not in service.targets:
-                    status = 404
-                elif kind == "plain":
-                    body = service.targets[token].encode()
-                elif kind == "json":
-                    host, port = service.targets[token].rsplit(":", 1)
-                    body = json.dumps({"host": host, "port": int(port)}).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+    def answer(self, path: str) -> Tuple[int, bytes]:
+        kind, _, token = path.lstrip("/").partition("/")
+        if kind == "status":
+            return int(token), b""
+        if kind == "slow":
+            self.release.wait(10)
+            return 200, b"h:1"
+        if kind == "big":
+            return 200, b"h:1" + b" " * (70 * 1024)
+        if kind == "raw":
+            return 200, token.encode()
+        if token not in self.targets:
+            return 404, b""
+        if kind == "plain":
+            return 200, self.targets[token].encode()
+        if kind == "json":
+            host, port = self.targets[token].rsplit(":", 1)
+            return 200, json.dumps({"host": host, "port": int(port)}).encode()
+        return 200, b""
 
 
 @pytest.fixture

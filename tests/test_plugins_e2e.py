@@ -8,7 +8,6 @@ TCP) the proxy closing the connection.
 import base64
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import shutil
@@ -30,10 +29,13 @@ from conftest import (
     PROXY_PYTHON,
     PROXY_SCRIPT,
     REDIS_PASSWORD,
+    HttpService,
     Proxy,
     ProxyFactory,
     RedisServer,
     TcpServer,
+    ThreadedServer,
+    assert_echoed,
     free_port,
     wait_until,
 )
@@ -77,39 +79,15 @@ def targets(tcp_server: Callable[..., TcpServer]) -> Targets:
     return Targets(tcp_server)
 
 
-class UnixServer:
+class UnixServer(ThreadedServer):
     """A greeting echo server on a unix socket, one thread per connection."""
 
     def __init__(self, path: Path, name: str) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(16)
-        self.handler = greeter(name)
-        self.connections: List[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        try:
-            self.handler(conn)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        sock.listen(16)
+        super().__init__(sock, greeter(name))
 
 
 @pytest.fixture
@@ -166,14 +144,7 @@ def greeted_by(
 def exchange(ws: ClientConnection) -> str:
     greeting = ws.recv(DEADLINE)
     assert isinstance(greeting, bytes)
-    payload = os.urandom(1000)
-    ws.send(payload)
-    echoed = b""
-    while len(echoed) < len(payload):
-        chunk = ws.recv(DEADLINE)
-        assert isinstance(chunk, bytes)
-        echoed += chunk
-    assert echoed == payload
+    assert_echoed(ws, os.urandom(1000))
     return greeting.decode()
 
 
@@ -262,6 +233,13 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(str(temporary), str(path))
 
 
+def token_file_proxy(
+    start_proxy: ProxyFactory, tokens: Path, *args: str, plugin: str = "TokenFile"
+) -> Tuple[Proxy, int]:
+    """A proxy whose targets come from the token file (or directory) *tokens*."""
+    return proxy_on(start_proxy, "--token-plugin", plugin, "--token-source", str(tokens), *args)
+
+
 @pytest.mark.smoke
 @pytest.mark.parametrize("layout", ["file", "directory"])
 def test_token_file_sees_edits_read_only_token_file_does_not(
@@ -276,12 +254,8 @@ def test_token_file_sees_edits_read_only_token_file_does_not(
         source.mkdir()
         (source / "a").write_text(f"vm1: {targets['one'].target}\n")
         edited = source / "b"
-    live, live_port = proxy_on(
-        start_proxy, "--token-plugin", "TokenFile", "--token-source", str(source)
-    )
-    frozen, frozen_port = proxy_on(
-        start_proxy, "--token-plugin", "ReadOnlyTokenFile", "--token-source", str(source)
-    )
+    live, live_port = token_file_proxy(start_proxy, source)
+    frozen, frozen_port = token_file_proxy(start_proxy, source, plugin="ReadOnlyTokenFile")
     for port in (live_port, frozen_port):
         assert greeted_by(port, "/websockify?token=vm1") == "one"
         assert refused(port, "/websockify?token=vm2").status == 404
@@ -314,9 +288,7 @@ def test_malformed_lines_are_logged_and_skipped(
 ) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"garbage line\nvm1: {targets['one'].target}\nvm2: no-port\n")
-    proxy, port = proxy_on(
-        start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens)
-    )
+    proxy, port = token_file_proxy(start_proxy, tokens)
     assert greeted_by(port, "/websockify?token=vm1") == "one"
     assert refused(port, "/websockify?token=vm2").status == 404
     log = proxy.log()
@@ -330,9 +302,7 @@ def test_token_in_the_query_string(
 ) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"vm 1/x: {targets['one'].target}\nvm2: {targets['two'].target}\n")
-    proxy, port = proxy_on(
-        start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens)
-    )
+    proxy, port = token_file_proxy(start_proxy, tokens)
     token = urllib.parse.quote("vm 1/x", safe="")
     assert greeted_by(port, f"/websockify?width=80&token={token}&height=24") == "one"
     assert greeted_by(port, "/any/path?token=vm2%0A") == "two"  # a trailing newline is dropped
@@ -368,7 +338,7 @@ def test_token_file_targets_of_every_kind(
         f"unix: unix_socket:{short_tmp / 'desk.sock'}\n"
         f"a:b:c: {v4.target}\n"  # a token may hold colons: it ends at ": "
     )
-    _, port = proxy_on(start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens))
+    _, port = token_file_proxy(start_proxy, tokens)
     for token, greeting in [
         ("v4", "v4"), ("v6", "v6"), ("by-name", "v4"), ("unix", "unix"), ("a:b:c", "v4")
     ]:  # fmt: skip
@@ -379,9 +349,7 @@ def test_token_file_targets_of_every_kind(
 def test_host_token(start_proxy: ProxyFactory, targets: Targets, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"vm1.example: {targets['one'].target}\n::1: {targets['two'].target}\n")
-    proxy, port = proxy_on(
-        start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens), "--host-token"
-    )
+    proxy, port = token_file_proxy(start_proxy, tokens, "--host-token")
     assert greeted_by(port, host="vm1.example") == "one"  # Host: vm1.example:PORT
     assert greeted_by(port, "/websockify?token=ignored", host="[::1]") == "two"
     assert refused(port, host="vm3.example").status == 404
@@ -509,50 +477,27 @@ def test_unix_domain_socket_directory(
 # --- token services over HTTP ---
 
 
-class TokenService:
-    """A token API on 127.0.0.1: /plain/TOKEN answers host:port, /json/TOKEN JSON;
+class TokenService(HttpService):
+    """A token API: /plain/TOKEN answers host:port, /json/TOKEN JSON;
     token "broken" gets 503, and "stall" no answer until the service closes."""
 
     def __init__(self, table: Dict[str, TcpServer]) -> None:
-        self.requests: List[str] = []
-        self.release = threading.Event()  # what "stall" waits for
-        service = self
+        self.table = table
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                service.requests.append(self.path)
-                kind, _, token = self.path.lstrip("/").partition("/")
-                token = urllib.parse.unquote(token)
-                status, body = 200, b""
-                if token == "broken":
-                    status = 503
-                elif token == "stall":
-                    service.release.wait(3 * DEADLINE)
-                elif token not in table:
-                    status = 404
-                elif kind == "plain":
-                    body = table[token].target.encode()
-                else:
-                    body = json.dumps({"host": "127.0.0.1", "port": table[token].port}).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(DEADLINE)
+    def answer(self, path: str) -> Tuple[int, bytes]:
+        kind, _, token = path.lstrip("/").partition("/")
+        token = urllib.parse.unquote(token)
+        if token == "broken":
+            return 503, b""
+        if token == "stall":
+            self.release.wait(3 * DEADLINE)
+            return 200, b""
+        if token not in self.table:
+            return 404, b""
+        if kind == "plain":
+            return 200, self.table[token].target.encode()
+        return 200, json.dumps({"host": "127.0.0.1", "port": self.table[token].port}).encode()
 
 
 def no_proxy_env() -> Dict[str, str]:
@@ -574,7 +519,7 @@ def test_token_apis(start_proxy: ProxyFactory, targets: Targets, plugin: str, ki
         assert refused(port, "/websockify?token=vm3").status == 404
         failed = refused(port, "/websockify?token=broken")
         assert failed.status == 500 and "Token lookup failed" in failed.body
-        assert service.requests == [
+        assert service.paths == [
             f"/{kind}/vm1",
             f"/{kind}/vm%202",
             f"/{kind}/vm3",
@@ -604,7 +549,7 @@ def test_a_stalled_token_api_times_out_and_delays_no_one_else(
         thread = threading.Thread(target=stalled_client)
         thread.start()
         try:
-            wait_until(lambda: "/json/stall" in service.requests, "the stalled lookup")
+            wait_until(lambda: "/json/stall" in service.paths, "the stalled lookup")
             for _ in range(3):
                 assert greeted_by(port, "/websockify?token=vm1") == "one"
             served = time.monotonic()
@@ -968,16 +913,29 @@ def table(targets: Targets, *names: str) -> str:
     return ",".join(f"{name}={targets[name].target}" for name in names)
 
 
+def table_proxy(
+    start_proxy: ProxyFactory,
+    plugin_env: Dict[str, str],
+    targets: Targets,
+    *names: str,
+    gate: bool = False,
+) -> Tuple[Proxy, int]:
+    """A proxy whose token plugin site_plugins.Table knows the targets *names*; with *gate*,
+    the auth plugin site_plugins.Gate too, its gate "open"."""
+    gate_options = ("--auth-plugin", "site_plugins.Gate", "--auth-source", "open") if gate else ()
+    return proxy_on(
+        start_proxy,
+        *("--token-plugin", "site_plugins.Table", "--token-source", table(targets, *names)),
+        *gate_options,
+        env=plugin_env,
+    )
+
+
 @pytest.mark.smoke
 def test_plugins_of_ones_own_from_pythonpath(
     start_proxy: ProxyFactory, targets: Targets, plugin_env: Dict[str, str]
 ) -> None:
-    proxy, port = proxy_on(
-        start_proxy,
-        *("--token-plugin", "site_plugins.Table", "--token-source", table(targets, "one", "two")),
-        *("--auth-plugin", "site_plugins.Gate", "--auth-source", "open"),
-        env=plugin_env,
-    )
+    proxy, port = table_proxy(start_proxy, plugin_env, targets, "one", "two", gate=True)
     two = targets["two"].target
     let_in = {"X-Gate": "open", "X-Target": two}
     assert greeted_by(port, "/websockify?token=two", additional_headers=let_in) == "two"
@@ -1014,12 +972,7 @@ def test_upstream_dotted_names(start_proxy: ProxyFactory, targets: Targets, tmp_
 def test_a_failing_plugin_refuses_only_its_client(
     start_proxy: ProxyFactory, targets: Targets, plugin_env: Dict[str, str]
 ) -> None:
-    proxy, port = proxy_on(
-        start_proxy,
-        *("--token-plugin", "site_plugins.Table", "--token-source", table(targets, "one")),
-        *("--auth-plugin", "site_plugins.Gate", "--auth-source", "open"),
-        env=plugin_env,
-    )
+    proxy, port = table_proxy(start_proxy, plugin_env, targets, "one", gate=True)
     one = targets["one"].target
     let_in = {"X-Gate": "open", "X-Target": one}
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
@@ -1033,14 +986,7 @@ def test_a_failing_plugin_refuses_only_its_client(
         auth_bug = refused(port, "/websockify?token=one", headers=["X-Gate: boom"])
         assert auth_bug.status == 500 and "Authentication failed" in auth_bug.body
         # The session that was already relaying never noticed.
-        payload = os.urandom(5000)
-        ws.send(payload)
-        echoed = b""
-        while len(echoed) < len(payload):
-            chunk = ws.recv(DEADLINE)
-            assert isinstance(chunk, bytes)
-            echoed += chunk
-        assert echoed == payload
+        assert_echoed(ws, os.urandom(5000))
     assert greeted_by(port, "/websockify?token=one", additional_headers=let_in) == "one"
     assert proxy.proc.poll() is None
     log = proxy.log()
@@ -1056,11 +1002,7 @@ def test_a_failing_plugin_refuses_only_its_client(
 def test_a_slow_plugin_delays_no_other_client(
     start_proxy: ProxyFactory, targets: Targets, plugin_env: Dict[str, str]
 ) -> None:
-    _, port = proxy_on(
-        start_proxy,
-        *("--token-plugin", "site_plugins.Table", "--token-source", table(targets, "one", "two")),
-        env=plugin_env,
-    )
+    _, port = table_proxy(start_proxy, plugin_env, targets, "one", "two")
     slow: Dict[str, Any] = {}
 
     def slow_client() -> None:
@@ -1095,11 +1037,7 @@ def test_a_slow_plugin_delays_no_other_client(
 def test_a_plugin_that_hangs_is_given_up_on(
     start_proxy: ProxyFactory, targets: Targets, plugin_env: Dict[str, str]
 ) -> None:
-    proxy, port = proxy_on(
-        start_proxy,
-        *("--token-plugin", "site_plugins.Table", "--token-source", table(targets, "one")),
-        env=plugin_env,
-    )
+    proxy, port = table_proxy(start_proxy, plugin_env, targets, "one")
     started = time.monotonic()
     hung: Dict[str, Answer] = {}
 
@@ -1125,9 +1063,7 @@ def test_a_token_file_that_vanishes_refuses_with_500(
 ) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"vm1: {targets['one'].target}\n")
-    proxy, port = proxy_on(
-        start_proxy, "--token-plugin", "TokenFile", "--token-source", str(tokens)
-    )
+    proxy, port = token_file_proxy(start_proxy, tokens)
     assert greeted_by(port, "/websockify?token=vm1") == "one"
     tokens.unlink()
     answer = refused(port, "/websockify?token=vm1")
