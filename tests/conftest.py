@@ -13,15 +13,17 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pytest
+import trustme
 from websockets.sync.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,6 +362,37 @@ class HttpService:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(DEADLINE)
+
+
+class Pki(NamedTuple):
+    """A CA made at test time, and a server certificate from it."""
+
+    ca: trustme.CA
+    server_pem: Path  # key and certificate chain in one file, for localhost, 127.0.0.1, ::1
+    ca_pem: Path
+
+    def client_cert(self, common_name: str) -> trustme.LeafCert:
+        """A client certificate from the CA whose subject CN is *common_name*."""
+        return self.ca.issue_cert(f"{common_name}@example.test", common_name=common_name)
+
+    def client_context(self, cert: Optional[trustme.LeafCert] = None) -> ssl.SSLContext:
+        """A client TLS context that trusts the CA and, given *cert*, presents it."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        if cert is not None:
+            cert.configure_cert(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server_pem, ca_pem = folder / "server.pem", folder / "ca.pem"
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    server.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    return Pki(ca, server_pem, ca_pem)
 
 
 class RedisServer:

@@ -9,12 +9,10 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
-import trustme
 import websocket
-from conftest import DEADLINE, ProxyFactory, TcpServer, free_port
+from conftest import DEADLINE, Pki, ProxyFactory, TcpServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,21 +21,6 @@ SIZE = 3 * 1024 * 1024  # bytes each way: enough for many frames and some backpr
 WINDOW = 256 * 1024  # bytes the Python client lets travel before it reads the echo
 # Message sizes, used in turn: 7-bit, 16-bit and 64-bit frame lengths and their edges.
 MESSAGE_SIZES = (1, 125, 126, 1000, 65535, 65536, 70000)
-
-
-class Pki(NamedTuple):
-    server_pem: Path  # key and chain for --cert, valid for 127.0.0.1
-    ca_pem: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server_pem, ca_pem = folder / "server.pem", folder / "ca.pem"
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(server_pem))
-    ca.cert_pem.write_to_path(str(ca_pem))
-    return Pki(server_pem, ca_pem)
 
 
 def start_echo_proxy(

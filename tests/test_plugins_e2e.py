@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import pytest
-import trustme
 from conftest import (
     DEADLINE,
     PROXY_PYTHON,
     PROXY_SCRIPT,
     REDIS_PASSWORD,
     HttpService,
+    Pki,
     Proxy,
     ProxyFactory,
     RedisServer,
@@ -767,37 +767,6 @@ def test_expect_origin(start_proxy: ProxyFactory, targets: Targets) -> None:
     assert len(targets["one"].connections) == 2
 
 
-class Pki(NamedTuple):
-    ca: trustme.CA
-    server_pem: Path
-    ca_pem: Path
-    alice: trustme.LeafCert
-    mallory: trustme.LeafCert
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server_pem = folder / "server.pem"
-    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
-        str(server_pem)
-    )
-    ca_pem = folder / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    alice = ca.issue_cert("alice@example.test", common_name="alice")
-    mallory = ca.issue_cert("mallory@example.test", common_name="mallory")
-    return Pki(ca, server_pem, ca_pem, alice, mallory)
-
-
-def tls_client(pki: Pki, cert: Optional[trustme.LeafCert]) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    pki.ca.configure_trust(context)
-    if cert is not None:
-        cert.configure_cert(context)
-    return context
-
-
 @pytest.mark.smoke
 def test_client_cert_cn_auth(start_proxy: ProxyFactory, targets: Targets, pki: Pki) -> None:
     proxy, port = proxy_on(
@@ -806,7 +775,10 @@ def test_client_cert_cn_auth(start_proxy: ProxyFactory, targets: Targets, pki: P
         *("--auth-plugin", "ClientCertCNAuth", "--auth-source", "alice bob"),
         target=targets["one"],
     )
-    alice, mallory = tls_client(pki, pki.alice), tls_client(pki, pki.mallory)
+    alice, mallory = (
+        pki.client_context(pki.client_cert("alice")),
+        pki.client_context(pki.client_cert("mallory")),
+    )
     assert greeted_by(port, scheme="wss", host="localhost", ssl=alice) == "one"
     assert refused(port, tls=mallory).status == 403
     # Mallory's certificate is valid, but a header cannot make her alice.
@@ -828,7 +800,7 @@ def test_client_cert_header_from_a_client_without_certificate_is_ignored(
         *("--auth-plugin", "ClientCertCNAuth", "--auth-source", "alice"),
         target=targets["one"],
     )
-    for tls in (None, tls_client(pki, None)):
+    for tls in (None, pki.client_context()):
         answer = refused(port, headers=["SSL_CLIENT_S_DN_CN: alice"], tls=tls)
         assert answer.status == 403
     assert "client certificate CN None is not allowed" in proxy.log()

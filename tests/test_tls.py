@@ -5,18 +5,19 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Tuple
+from typing import Iterator, List, NamedTuple
 
 import pytest
 import trustme
 from conftest import (
     DEADLINE,
+    Pki,
     ProxyFactory,
     RawClient,
     TcpServer,
     echo_checksummed,
     echo_handler,
-    free_port,
+    listen_args,
 )
 from cryptography.hazmat.primitives import serialization
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -25,47 +26,13 @@ from websockets.sync.client import connect
 pytestmark = pytest.mark.timeout(120)
 
 
-class Pki(NamedTuple):
-    ca: trustme.CA
-    server_pem: Path  # key and certificate chain in one file
-    client: trustme.LeafCert
-    ca_pem: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server_pem = folder / "server.pem"
-    ca.issue_cert("localhost", "127.0.0.1", "::1").private_key_and_cert_chain_pem.write_to_path(
-        str(server_pem)
-    )
-    ca_pem = folder / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    client = ca.issue_cert("client@example.test", common_name="client-one")
-    return Pki(ca, server_pem, client, ca_pem)
-
-
-def client_context(pki: Pki, with_cert: bool = False) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    pki.ca.configure_trust(context)
-    if with_cert:
-        pki.client.configure_cert(context)
-    return context
-
-
-def proxy_address() -> Tuple[str, Tuple[str, int]]:
-    port = free_port()
-    return f"127.0.0.1:{port}", ("127.0.0.1", port)
-
-
 @pytest.mark.smoke
 def test_wss_and_ws_on_one_port(
     start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
 ) -> None:
-    listen, address = proxy_address()
+    listen, address = listen_args()
     proxy = start_proxy("--cert", str(pki.server_pem), listen, echo_server.target, listen=address)
-    with connect(f"wss://localhost:{address[1]}/", ssl=client_context(pki)) as ws:
+    with connect(f"wss://localhost:{address[1]}/", ssl=pki.client_context()) as ws:
         ws.send(b"secure")
         assert ws.recv(DEADLINE) == b"secure"
     with connect(f"ws://127.0.0.1:{address[1]}/") as ws:
@@ -79,17 +46,17 @@ def test_wss_and_ws_on_one_port(
 def test_ten_mebibytes_each_way_over_wss(
     start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
 ) -> None:
-    listen, address = proxy_address()
+    listen, address = listen_args()
     start_proxy("--cert", str(pki.server_pem), listen, echo_server.target, listen=address)
     url = f"wss://localhost:{address[1]}/"
-    with connect(url, ssl=client_context(pki), max_size=None) as ws:
+    with connect(url, ssl=pki.client_context(), max_size=None) as ws:
         echo_checksummed(ws, 10 * 1024 * 1024, 65536)
 
 
 def test_ssl_only_refuses_plain_clients(
     start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
 ) -> None:
-    listen, address = proxy_address()
+    listen, address = listen_args()
     proxy = start_proxy(
         "--ssl-only", "--cert", str(pki.server_pem), listen, echo_server.target, listen=address
     )
@@ -99,7 +66,7 @@ def test_ssl_only_refuses_plain_clients(
         assert client.at_eof()
         assert client.buffer == b""
     proxy.wait_log("non-TLS connection refused (--ssl-only)")
-    with connect(f"wss://localhost:{address[1]}/", ssl=client_context(pki)) as ws:
+    with connect(f"wss://localhost:{address[1]}/", ssl=pki.client_context()) as ws:
         ws.send(b"tls still works")
         assert ws.recv(DEADLINE) == b"tls still works"
 
@@ -108,23 +75,22 @@ def test_ssl_only_refuses_plain_clients(
 def test_verify_client_accepts_good_certificates_only(
     start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
 ) -> None:
-    listen, address = proxy_address()
+    listen, address = listen_args()
     proxy = start_proxy(
         "--cert", str(pki.server_pem), "--verify-client", "--cafile", str(pki.ca_pem),
         listen, echo_server.target, listen=address,
     )  # fmt: skip
     url = f"wss://localhost:{address[1]}/"
-    with connect(url, ssl=client_context(pki, with_cert=True)) as ws:
+    with connect(url, ssl=pki.client_context(pki.client_cert("client-one"))) as ws:
         ws.send(b"known client")
         assert ws.recv(DEADLINE) == b"known client"
     # TLS 1.3 clients learn of the refusal after their side of the handshake: on first use.
     refused = (ssl.SSLError, OSError, ConnectionClosed, InvalidHandshake)
-    with pytest.raises(refused), connect(url, ssl=client_context(pki)) as ws:
+    with pytest.raises(refused), connect(url, ssl=pki.client_context()) as ws:
         ws.send(b"no certificate")
         ws.recv(DEADLINE)
     stranger = trustme.CA().issue_cert("stranger@example.test")
-    context = client_context(pki)
-    stranger.configure_cert(context)
+    context = pki.client_context(stranger)
     with pytest.raises(refused), connect(url, ssl=context, open_timeout=DEADLINE) as ws:
         ws.send(b"unknown CA")
         ws.recv(DEADLINE)
@@ -133,16 +99,16 @@ def test_verify_client_accepts_good_certificates_only(
 
 @pytest.mark.smoke
 def test_minimum_tls_version(start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki) -> None:
-    listen, address = proxy_address()
+    listen, address = listen_args()
     start_proxy(
         "--cert", str(pki.server_pem), "--ssl-version", "tlsv1_3",
         listen, echo_server.target, listen=address,
     )  # fmt: skip
-    old = client_context(pki)
+    old = pki.client_context()
     old.maximum_version = ssl.TLSVersion.TLSv1_2
     with pytest.raises(ssl.SSLError):
         connect(f"wss://localhost:{address[1]}/", ssl=old, open_timeout=DEADLINE)
-    with connect(f"wss://localhost:{address[1]}/", ssl=client_context(pki)) as ws:
+    with connect(f"wss://localhost:{address[1]}/", ssl=pki.client_context()) as ws:
         ws.send(b"tls 1.3")
         assert ws.recv(DEADLINE) == b"tls 1.3"
 
@@ -188,7 +154,7 @@ def tls_echo_target(pki: Pki) -> Iterator[TlsTarget]:
 def test_ssl_target_with_a_private_ca(
     start_proxy: ProxyFactory, tls_echo_target: TlsTarget, pki: Pki
 ) -> None:
-    listen, address = proxy_address()
+    listen, address = listen_args()
     target = f"localhost:{tls_echo_target.port}"
     start_proxy(
         "--ssl-target", "--ssl-target-cafile", str(pki.ca_pem), listen, target, listen=address
@@ -199,7 +165,7 @@ def test_ssl_target_with_a_private_ca(
     assert tls_echo_target.server_names == ["localhost"]  # SNI was sent
 
     # Without the CA the target's certificate cannot be verified: 1011, not a silent pass.
-    listen, address = proxy_address()
+    listen, address = listen_args()
     proxy = start_proxy("--ssl-target", listen, target, listen=address)
     client = RawClient.connect(address)
     code, _ = client.recv_close()
@@ -210,7 +176,7 @@ def test_ssl_target_with_a_private_ca(
 def test_stalled_tls_handshake_delays_no_one(
     start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
 ) -> None:
-    listen, address = proxy_address()
+    listen, address = listen_args()
     start_proxy(
         "--cert", str(pki.server_pem), "--handshake-timeout", "2",
         listen, echo_server.target, listen=address,
@@ -218,7 +184,7 @@ def test_stalled_tls_handshake_delays_no_one(
     stalled = socket.create_connection(address, timeout=DEADLINE)
     stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
     started = time.monotonic()
-    with connect(f"wss://localhost:{address[1]}/", ssl=client_context(pki)) as ws:
+    with connect(f"wss://localhost:{address[1]}/", ssl=pki.client_context()) as ws:
         ws.send(b"not delayed")
         assert ws.recv(DEADLINE) == b"not delayed"
     assert time.monotonic() - started < 1.5
@@ -241,10 +207,10 @@ def test_encrypted_key_with_password(
     )
     cert_path = tmp_path / "cert.pem"
     cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    listen, address = proxy_address()
+    listen, address = listen_args()
     common = ["--cert", str(cert_path), "--key", str(key_path)]
     start_proxy(*common, "--key-password", "s3cret", listen, echo_server.target, listen=address)
-    with connect(f"wss://localhost:{address[1]}/", ssl=client_context(pki)) as ws:
+    with connect(f"wss://localhost:{address[1]}/", ssl=pki.client_context()) as ws:
         ws.send(b"unlocked")
         assert ws.recv(DEADLINE) == b"unlocked"
 
