@@ -109,6 +109,14 @@ def gone(pid: int) -> bool:
     return False
 
 
+def python_server(tmp_path: Path, name: str, source: str) -> Tuple[int, List[str]]:
+    """A free port, and the command that runs *source* (saved as *name*) serving on it."""
+    port = free_port()
+    script = tmp_path / name
+    script.write_text(source)
+    return port, [sys.executable, str(script), str(port)]
+
+
 def start_wrapped(
     start_proxy: ProxyFactory, port: int, command: List[str], *options: str, **kwargs: object
 ) -> Proxy:
@@ -185,9 +193,7 @@ def test_exit_mode_exits_with_the_program_status(
 def test_ignore_mode_keeps_serving_after_the_program_exits(
     start_proxy: ProxyFactory, rebind_so: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    (tmp_path / "one_shot.py").write_text(ONE_SHOT)
-    command = [sys.executable, str(tmp_path / "one_shot.py"), str(port)]
+    port, command = python_server(tmp_path, "one_shot.py", ONE_SHOT)
     proxy = start_wrapped(start_proxy, port, command, "--wrap-mode", "ignore")
 
     assert b"served by" in http_get(port)
@@ -203,9 +209,7 @@ def test_ignore_mode_keeps_serving_after_the_program_exits(
 def test_respawn_mode_restarts_the_program(
     start_proxy: ProxyFactory, rebind_so: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    (tmp_path / "one_shot.py").write_text(ONE_SHOT)
-    command = [sys.executable, str(tmp_path / "one_shot.py"), str(port)]
+    port, command = python_server(tmp_path, "one_shot.py", ONE_SHOT)
     proxy = start_wrapped(start_proxy, port, command, "--wrap-mode", "respawn")
 
     first = http_get(port)
@@ -242,9 +246,7 @@ def test_respawn_is_throttled_to_three_starts_in_ten_seconds(
 def test_program_that_ignores_sigterm_is_killed_when_the_proxy_stops(
     start_proxy: ProxyFactory, rebind_so: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    (tmp_path / "stubborn.py").write_text(STUBBORN)
-    command = [sys.executable, str(tmp_path / "stubborn.py"), str(port)]
+    port, command = python_server(tmp_path, "stubborn.py", STUBBORN)
     proxy = start_wrapped(start_proxy, port, command)
     assert http_get(port).endswith(b"stubborn")
     (pid,) = program_pids(proxy)
