@@ -70,6 +70,17 @@ def ws_url(address: Tuple[str, int], path: str = "/websockify") -> str:
     return f"ws://{host}:{address[1]}{path}"
 
 
+def basic_auth(credentials: Union[str, bytes], scheme: str = "Basic") -> str:
+    """An Authorization header line for *credentials* ("user:password"; a str as UTF-8)."""
+    raw = credentials.encode() if isinstance(credentials, str) else credentials
+    return f"Authorization: {scheme} {base64.b64encode(raw).decode()}"
+
+
+def b64url(data: bytes) -> str:
+    """Base64url without padding, as JWTs use it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
     """Poll *predicate* until it holds; fail the test when *timeout* passes first."""
     deadline = time.monotonic() + timeout
@@ -90,6 +101,18 @@ def can_connect(address: Union[Tuple[str, int], str]) -> bool:
         except OSError:
             return False
     return True
+
+
+def listening_socket(address: Union[Tuple[str, int], str], backlog: int = 8) -> socket.socket:
+    """A stream socket listening on *address*: (host, port), or the path of a unix socket."""
+    if isinstance(address, str):
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind(address)
+    sock.listen(backlog)
+    return sock
 
 
 def stop_process(proc: "subprocess.Popen[bytes]", timeout: float = DEADLINE) -> int:

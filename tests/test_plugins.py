@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
-from conftest import REDIS_PASSWORD, HttpService, RedisServer
+from conftest import REDIS_PASSWORD, HttpService, RedisServer, b64url, basic_auth
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -785,10 +785,6 @@ HMAC_KEY = b"0123456789abcdef0123456789abcdef"
 HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 @pytest.fixture
 def no_jwcrypto(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on a host without jwcrypto, even if this one has it (and imported it already)."""
@@ -970,21 +966,17 @@ class TestJWTWithJwcrypto:
 # --- auth plugins ---
 
 
-def basic(credentials: bytes, scheme: str = "Basic") -> str:
-    return f"Authorization: {scheme} {base64.b64encode(credentials).decode()}"
-
-
 def test_basic_http_auth(caplog: pytest.LogCaptureFixture) -> None:
     plugin = load_plugin("auth", "BasicHTTPAuth", "alice:pa:ss wörd")
-    check_auth(plugin, headers_of(basic("alice:pa:ss wörd".encode())), None)
-    check_auth(plugin, headers_of(basic("alice:pa:ss wörd".encode("latin-1"))), None)
-    check_auth(plugin, headers_of(basic(b"alice:pa:ss w\xc3\xb6rd", scheme="bAsIc")), None)
+    check_auth(plugin, headers_of(basic_auth("alice:pa:ss wörd".encode())), None)
+    check_auth(plugin, headers_of(basic_auth("alice:pa:ss wörd".encode("latin-1"))), None)
+    check_auth(plugin, headers_of(basic_auth(b"alice:pa:ss w\xc3\xb6rd", scheme="bAsIc")), None)
     challenge = {"WWW-Authenticate": 'Basic realm="Websockify"'}
     for header in (
         [],
-        [basic(b"alice:wrong")],
-        [basic(b"bob:pa:ss w\xc3\xb6rd")],
-        [basic(b"alice:")],
+        [basic_auth(b"alice:wrong")],
+        [basic_auth(b"bob:pa:ss w\xc3\xb6rd")],
+        [basic_auth(b"alice:")],
     ):
         answer = refusal(check_auth, plugin, headers_of(*header), None)
         assert (answer.status, answer.headers) == (401, challenge)

@@ -36,7 +36,10 @@ from conftest import (
     TcpServer,
     ThreadedServer,
     assert_echoed,
+    b64url,
+    basic_auth,
     free_port,
+    listening_socket,
     wait_until,
 )
 from websockets.sync.client import ClientConnection, connect
@@ -84,10 +87,7 @@ class UnixServer(ThreadedServer):
 
     def __init__(self, path: Path, name: str) -> None:
         self.path = path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        sock.listen(16)
-        super().__init__(sock, greeter(name))
+        super().__init__(listening_socket(str(path), backlog=16), greeter(name))
 
 
 @pytest.fixture
@@ -631,10 +631,6 @@ def test_token_redis_failures_refuse_with_500(
 HMAC_KEY = b"an HMAC key of thirty-two bytes!"
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def hs256(claims: Dict[str, Any], key: bytes = HMAC_KEY) -> str:
     head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
     body = b64url(json.dumps(claims).encode())
@@ -714,10 +710,6 @@ def test_jwt_rs256_with_jwcrypto(
 # --- auth plugins ---
 
 
-def basic(credentials: str) -> str:
-    return "Authorization: Basic " + base64.b64encode(credentials.encode()).decode()
-
-
 @pytest.mark.smoke
 def test_basic_http_auth(start_proxy: ProxyFactory, targets: Targets) -> None:
     proxy, port = proxy_on(
@@ -732,14 +724,14 @@ def test_basic_http_auth(start_proxy: ProxyFactory, targets: Targets) -> None:
         == "one"
     )
 
-    for headers in ([], [basic("admin:wrong")], [basic("root:s3:cret")]):
+    for headers in ([], [basic_auth("admin:wrong")], [basic_auth("root:s3:cret")]):
         answer = refused(port, headers=headers)
         assert answer.status == 401, headers
         assert answer.header("WWW-Authenticate") == 'Basic realm="Websockify"'
     for header in (
         "Authorization: Bearer abc",
         "Authorization: Basic !!!not-base64!!!",
-        basic("no colon"),
+        basic_auth("no colon"),
     ):
         answer = refused(port, headers=[header])
         assert (answer.status, answer.header("WWW-Authenticate")) == (403, None), header
@@ -938,7 +930,7 @@ def test_upstream_dotted_names(start_proxy: ProxyFactory, targets: Targets, tmp_
     )
     assert greeted_by(port, "/websockify?token=vm1", host="u:p@127.0.0.1") == "one"
     assert refused(port, "/websockify?token=vm1").status == 401
-    assert refused(port, "/websockify?token=vm2", headers=[basic("u:p")]).status == 404
+    assert refused(port, "/websockify?token=vm2", headers=[basic_auth("u:p")]).status == 404
 
 
 def test_a_failing_plugin_refuses_only_its_client(

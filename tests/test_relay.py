@@ -15,11 +15,14 @@ from conftest import (
     ProxyFactory,
     RawClient,
     TcpServer,
+    can_connect,
     client_frame,
     cpu_seconds,
     echo_checksummed,
     free_port,
     listen_args,
+    listening_socket,
+    rss_kib,
     wait_until,
     ws_url,
 )
@@ -98,9 +101,7 @@ def test_unix_target_and_unix_listener(
     start_proxy: ProxyFactory, tmp_path: Path, echo_server: TcpServer
 ) -> None:
     target_path = str(tmp_path / "target.sock")
-    target = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    target.bind(target_path)
-    target.listen(8)
+    target = listening_socket(target_path)
 
     def serve() -> None:
         conn, _ = target.accept()
@@ -137,9 +138,7 @@ def test_unix_target_and_unix_listener(
 def test_inetd_serves_the_listening_socket_on_stdin(
     start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
 ) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
+    listener = listening_socket(("127.0.0.1", 0))
     address = listener.getsockname()
     proxy = start_proxy("--inetd", echo_server.target, stdin=listener.fileno())
     listener.close()
@@ -399,13 +398,6 @@ def test_abrupt_resets_close_the_other_side(
     assert client.at_eof()
 
 
-def read_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_backpressure_bounds_memory_when_the_target_stops_reading(
     start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
 ) -> None:
@@ -431,7 +423,7 @@ def test_backpressure_bounds_memory_when_the_target_stops_reading(
     # The proxy stopped reading: the client was held back after a few MiB of kernel
     # buffers, and the proxy's memory stayed small.
     assert sent < 64 * 1024 * 1024, sent
-    assert read_rss_kib(proxy.pid) < 60 * 1024
+    assert rss_kib(proxy.pid) < 60 * 1024
 
 
 def test_sigterm_closes_websockets_with_1001_and_exits_0(
@@ -469,18 +461,10 @@ def test_run_once_timeout_and_idle_timeout_exit(
     listen, address = listen_args()
     proxy = start_proxy("--timeout", "1", listen, echo_server.target, listen=address)
     with connect(ws_url(address)) as ws:  # a session open at the timeout keeps it alive
-        wait_until(lambda: not can_accept(address), "the listener to close")
+        wait_until(lambda: not can_connect(address), "the listener to close")
         ws.send(b"still here")
         assert ws.recv(DEADLINE) == b"still here"
     assert proxy.wait_exit() == 0
-
-
-def can_accept(address: Tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(address, timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_out_of_descriptors_does_not_spin_and_recovers(
@@ -563,9 +547,7 @@ def test_bad_options_exit_2_with_one_line(
 
 
 def test_listen_port_in_use_is_a_startup_error(start_proxy: ProxyFactory) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
+    with listening_socket(("127.0.0.1", 0), backlog=1) as busy:
         port = busy.getsockname()[1]
         proxy = start_proxy(f"127.0.0.1:{port}", "127.0.0.1:1")
         assert proxy.wait_exit() == 2

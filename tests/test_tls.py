@@ -18,6 +18,7 @@ from conftest import (
     echo_checksummed,
     echo_handler,
     listen_args,
+    listening_socket,
 )
 from cryptography.hazmat.primitives import serialization
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -123,9 +124,7 @@ def tls_echo_target(pki: Pki) -> Iterator[TlsTarget]:
     """A TLS echo server on 127.0.0.1 with a certificate for "localhost"."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(pki.server_pem))
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
+    listener = listening_socket(("127.0.0.1", 0), backlog=16)
     seen_names: List[str] = []
 
     def sni(sock: ssl.SSLObject, name: str, ctx: ssl.SSLContext) -> None:

@@ -1,6 +1,5 @@
 """End to end: --web serves files on the WebSocket port, through the real proxy process."""
 
-import base64
 import email.utils
 import hashlib
 import http.client
@@ -21,6 +20,7 @@ from conftest import (
     ProxyFactory,
     RawClient,
     TcpServer,
+    basic_auth,
     echo_checksummed,
     listen_args,
     rss_kib,
@@ -471,10 +471,6 @@ def test_web_needs_a_directory(start_proxy: ProxyFactory, tmp_path: Path) -> Non
 # -- --web-auth, --allow-origin, --trusted-proxy ----------------------------------------------
 
 
-def basic(credentials: str) -> str:
-    return "Authorization: Basic " + base64.b64encode(credentials.encode()).decode()
-
-
 def test_web_auth_puts_files_behind_the_auth_plugin(
     start_proxy: ProxyFactory, echo_server: TcpServer, site: Site
 ) -> None:
@@ -484,14 +480,14 @@ def test_web_auth_puts_files_behind_the_auth_plugin(
     assert refused.status == 401 and closed
     assert refused.headers["www-authenticate"] == 'Basic realm="Websockify"'
     assert b"export" not in refused.body
-    assert get(address, "/app/ui.js", basic("alice:wrong")).status == 401
-    allowed = get(address, "/app/ui.js", basic("alice:s3cret"))
+    assert get(address, "/app/ui.js", basic_auth("alice:wrong")).status == 401
+    allowed = get(address, "/app/ui.js", basic_auth("alice:s3cret"))
     assert allowed.status == 200 and allowed.body == b"export const ui = 1;\n"
     with pytest.raises(InvalidStatus):
         connect(ws_url(address)).close()
     with connect(
         ws_url(address),
-        additional_headers={"Authorization": basic("alice:s3cret").split(": ", 1)[1]},
+        additional_headers={"Authorization": basic_auth("alice:s3cret").split(": ", 1)[1]},
     ) as ws:
         ws.send(b"upgrades too")
         assert ws.recv(DEADLINE) == b"upgrades too"
