@@ -38,6 +38,7 @@ from conftest import (
     assert_echoed,
     b64url,
     basic_auth,
+    echo_handler,
     free_port,
     listening_socket,
     wait_until,
@@ -55,11 +56,7 @@ def greeter(name: str) -> Callable[[socket.socket], None]:
 
     def handle(conn: socket.socket) -> None:
         conn.sendall(name.encode())
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            conn.sendall(data)
+        echo_handler(conn)
 
     return handle
 
