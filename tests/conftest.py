@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,6 +398,23 @@ class Pki(NamedTuple):
     def client_cert(self, common_name: str) -> trustme.LeafCert:
         """A client certificate from the CA whose subject CN is *common_name*."""
         return self.ca.issue_cert(f"{common_name}@example.test", common_name=common_name)
+
+    def encrypted_cert(self, folder: Path, password: bytes, hostname: str) -> Tuple[Path, Path]:
+        """A certificate for *hostname* from the CA and its key encrypted with *password*,
+        as PEM files in *folder*: (certificate chain, key)."""
+        leaf = self.ca.issue_cert(hostname)
+        key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+        key_path = folder / "key.pem"
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(password),
+            )
+        )
+        cert_path = folder / "cert.pem"
+        cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        return cert_path, key_path
 
     def client_context(self, cert: Optional[trustme.LeafCert] = None) -> ssl.SSLContext:
         """A client TLS context that trusts the CA and, given *cert*, presents it."""

@@ -20,7 +20,6 @@ from conftest import (
     listen_args,
     listening_socket,
 )
-from cryptography.hazmat.primitives import serialization
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect
 
@@ -194,18 +193,7 @@ def test_stalled_tls_handshake_delays_no_one(
 def test_encrypted_key_with_password(
     start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki, tmp_path: Path
 ) -> None:
-    leaf = pki.ca.issue_cert("localhost")
-    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
-    key_path = tmp_path / "key.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"s3cret"),
-        )
-    )
-    cert_path = tmp_path / "cert.pem"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    cert_path, key_path = pki.encrypted_cert(tmp_path, b"s3cret", "localhost")
     listen, address = listen_args()
     common = ["--cert", str(cert_path), "--key", str(key_path)]
     start_proxy(*common, "--key-password", "s3cret", listen, echo_server.target, listen=address)
