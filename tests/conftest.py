@@ -104,6 +104,13 @@ def can_connect(address: Union[Tuple[str, int], str]) -> bool:
     return True
 
 
+def run_captured(
+    command: Sequence[str], timeout: float = 60, **kwargs: Any
+) -> "subprocess.CompletedProcess[str]":
+    """Run *command* to its end, its output captured as text; *timeout* only bounds the wait."""
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
 def listening_socket(address: Union[Tuple[str, int], str], backlog: int = 8) -> socket.socket:
     """A stream socket listening on *address*: (host, port), or the path of a unix socket."""
     if isinstance(address, str):

@@ -7,12 +7,11 @@ back (compared by SHA-256), over ws:// and over wss:// with a CA made at test ti
 import hashlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import websocket
-from conftest import DEADLINE, Pki, ProxyFactory, TcpServer, free_port
+from conftest import DEADLINE, Pki, ProxyFactory, TcpServer, free_port, run_captured
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,7 +54,7 @@ def test_node_ws_client_gets_its_data_back(
     sent.write_bytes(os.urandom(SIZE))
     command = [node, str(TESTS / "ws_echo_client.js"), url, str(sent), str(returned)]
     command += [",".join(map(str, MESSAGE_SIZES)), str(pki.ca_pem)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    result = run_captured(command)
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"code":1000' in result.stdout, result.stdout
     digest = hashlib.sha256(sent.read_bytes()).hexdigest()

@@ -25,7 +25,15 @@ from urllib.parse import quote, urlencode
 
 import pytest
 import trustme
-from conftest import DEADLINE, Proxy, ProxyFactory, free_port, stop_process, wait_until
+from conftest import (
+    DEADLINE,
+    Proxy,
+    ProxyFactory,
+    free_port,
+    run_captured,
+    stop_process,
+    wait_until,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from PIL import Image
@@ -593,12 +601,7 @@ def test_novnc_session_recording_reads_back_in_javascript(
 
     wait_until(recording_closed, "the session's record file to be closed")
     (path,) = tmp_path.glob("session.*")
-    result = subprocess.run(
-        [node, str(Path(__file__).parent / "record_frames.js"), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_captured([node, str(Path(__file__).parent / "record_frames.js"), str(path)])
     assert result.returncode == 0, result.stderr
     replay = json.loads(result.stdout)
     to_client = base64.b64decode(replay["toClient"])

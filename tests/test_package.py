@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 from conftest import (
@@ -19,6 +19,7 @@ from conftest import (
     TcpServer,
     free_port,
     make,
+    run_captured,
 )
 from websockets.sync.client import connect
 
@@ -26,12 +27,6 @@ from websockets.sync.client import connect
 @pytest.fixture(scope="session")
 def zipapp() -> Path:
     return make("websockify.pyz")
-
-
-def run(command: List[str], **kwargs: object) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        command, capture_output=True, text=True, timeout=60, **kwargs
-    )
 
 
 def echo_through(port: int, message: bytes, path: str = "/") -> None:
@@ -43,18 +38,18 @@ def echo_through(port: int, message: bytes, path: str = "/") -> None:
 def test_zipapp_answers_like_the_script(zipapp: Path) -> None:
     assert zipapp.read_bytes().startswith(b"#!/usr/bin/env python3\n")
     for args in (["--version"], ["--help"], ["--heartbeat", "soon", "6080"], ["6080"]):
-        script = run([PROXY_PYTHON, str(PROXY_SCRIPT), *args])
-        packed = run([PROXY_PYTHON, str(zipapp), *args])
+        script = run_captured([PROXY_PYTHON, str(PROXY_SCRIPT), *args])
+        packed = run_captured([PROXY_PYTHON, str(zipapp), *args])
         assert (packed.returncode, packed.stdout, packed.stderr) == (
             script.returncode,
             script.stdout,
             script.stderr,
         ), args
-    assert run([PROXY_PYTHON, str(zipapp), "6080"]).returncode == 2
+    assert run_captured([PROXY_PYTHON, str(zipapp), "6080"]).returncode == 2
 
 
 def test_zipapp_runs_by_its_shebang(zipapp: Path) -> None:
-    result = run([str(zipapp), "--version"])
+    result = run_captured([str(zipapp), "--version"])
     assert result.returncode == 0 and result.stdout.startswith("websockify_min.py "), result
 
 
@@ -113,13 +108,15 @@ def build_venv(tmp_path: Path) -> Path:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     offline = ["-q", "--no-deps", "--no-index"]
     dist = tmp_path / "dist"
-    built = run([*pip, "wheel", *offline, "--no-build-isolation", "-w", str(dist), str(source)])
+    built = run_captured(
+        [*pip, "wheel", *offline, "--no-build-isolation", "-w", str(dist), str(source)]
+    )
     assert built.returncode == 0, built.stderr
     (wheel,) = dist.glob("websockify_min-*.whl")
     venv = tmp_path / "venv"
-    created = run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    created = run_captured([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     assert created.returncode == 0, created.stderr
-    installed = run(
+    installed = run_captured(
         [*pip, "--python", str(venv / "bin" / "python"), "install", *offline, str(wheel)]
     )
     assert installed.returncode == 0, installed.stderr
@@ -132,10 +129,11 @@ def test_pip_install_gives_a_command_and_a_module(
 ) -> None:
     venv = build_venv(tmp_path)
     command, python = venv / "bin" / "websockify-min", venv / "bin" / "python"
-    elsewhere = {"cwd": str(tmp_path)}  # not the source tree, whose module would shadow it
-    version = run([str(command), "--version"], **elsewhere)
+    # Not the source tree, whose module would shadow it.
+    elsewhere: Dict[str, Any] = {"cwd": str(tmp_path)}
+    version = run_captured([str(command), "--version"], **elsewhere)
     assert version.returncode == 0 and re.fullmatch(r"websockify_min.py \S+\n", version.stdout)
-    located = run(
+    located = run_captured(
         [str(python), "-c", "import websockify_min; print(websockify_min.__file__)"], **elsewhere
     )
     assert located.stdout.startswith(str(venv)), located

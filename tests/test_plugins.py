@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
-from conftest import REDIS_PASSWORD, HttpService, RedisServer, b64url, basic_auth
+from conftest import REDIS_PASSWORD, HttpService, RedisServer, b64url, basic_auth, run_captured
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -1250,12 +1250,7 @@ def test_script_mode_plugins_import_this_module_not_a_copy(tmp_path: Path) -> No
         "    def lookup(self, token):\n"
         "        raise websockify_min.HandshakeError(429, 'Later')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT_MODE, wm.__file__, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_captured([sys.executable, "-c", SCRIPT_MODE, wm.__file__, str(tmp_path)])
     assert done.stdout.strip() == "429 True", done.stderr
 
 
@@ -1383,7 +1378,5 @@ def old_interpreters() -> List[str]:
 )
 def test_plugins_work_on_every_installed_interpreter(python: str) -> None:
     repo = str(Path(wm.__file__).resolve().parent)
-    done = subprocess.run(
-        [python, "-c", OLD_PYTHON_SCRIPT, repo], capture_output=True, text=True, timeout=60
-    )
+    done = run_captured([python, "-c", OLD_PYTHON_SCRIPT, repo])
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr

@@ -41,6 +41,7 @@ from conftest import (
     echo_handler,
     free_port,
     listening_socket,
+    run_captured,
     wait_until,
 )
 from websockets.sync.client import ClientConnection, connect
@@ -149,12 +150,8 @@ def run_proxy(
     *options: str, target: Sequence[str] = (), env: Optional[Dict[str, str]] = None
 ) -> "subprocess.CompletedProcess[str]":
     """Run the proxy on a free port, for a startup error: it exits at once."""
-    return subprocess.run(
-        [PROXY_PYTHON, str(PROXY_SCRIPT), *options, f"127.0.0.1:{free_port()}", *target],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
+    return run_captured(
+        [PROXY_PYTHON, str(PROXY_SCRIPT), *options, f"127.0.0.1:{free_port()}", *target], env=env
     )
 
 

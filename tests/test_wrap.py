@@ -24,6 +24,7 @@ from conftest import (
     ProxyFactory,
     free_port,
     needs_ipv6,
+    run_captured,
     wait_until,
 )
 from websockets.exceptions import ConnectionClosed
@@ -259,12 +260,7 @@ def test_program_that_ignores_sigterm_is_killed_when_the_proxy_stops(
 
 
 def run_proxy(args: List[str], script: Path = PROXY_RUN) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(
-        [PROXY_PYTHON, str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-    )
+    return run_captured([PROXY_PYTHON, str(script), *args], timeout=DEADLINE)
 
 
 def test_missing_rebind_so_is_one_startup_error(tmp_path: Path) -> None:
