@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pytest
 import trustme
@@ -102,6 +102,13 @@ def can_connect(address: Union[Tuple[str, int], str]) -> bool:
         except OSError:
             return False
     return True
+
+
+def env_with_module(folder: Path, name: str, source: str) -> Dict[str, str]:
+    """This environment, with *source* importable as module *name* from the new *folder*."""
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(source)
+    return dict(os.environ, PYTHONPATH=str(folder))
 
 
 def run_captured(

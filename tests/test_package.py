@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     ProxyFactory,
     TcpServer,
+    env_with_module,
     free_port,
     make,
     run_captured,
@@ -79,10 +80,7 @@ def test_user_plugins_import_websockify_and_this_module(
     start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
 ) -> None:
     """From the zipapp too: the version matrix runs this with WSMIN_SCRIPT naming it."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "my_plugins.py").write_text(USER_PLUGIN)
-    env = dict(os.environ, PYTHONPATH=str(plugins))
+    env = env_with_module(tmp_path / "plugins", "my_plugins", USER_PLUGIN)
     port = free_port()
     args = ["--token-plugin", "my_plugins.Echo", "--token-source", str(echo_server.port)]
     args += ["--auth-plugin", "my_plugins.Knock", f"127.0.0.1:{port}"]

@@ -39,6 +39,7 @@ from conftest import (
     b64url,
     basic_auth,
     echo_handler,
+    env_with_module,
     free_port,
     listening_socket,
     run_captured,
@@ -860,11 +861,8 @@ SLOW_SECONDS = 3.0
 @pytest.fixture
 def plugin_env(tmp_path: Path) -> Dict[str, str]:
     """The proxy's environment, with a module of plugins on PYTHONPATH."""
-    directory = tmp_path / "plugins"
-    directory.mkdir()
     source = PLUGIN_MODULE.replace("SLOW_SECONDS", repr(SLOW_SECONDS))
-    (directory / "site_plugins.py").write_text(textwrap.dedent(source))
-    return dict(os.environ, PYTHONPATH=str(directory))
+    return env_with_module(tmp_path / "plugins", "site_plugins", textwrap.dedent(source))
 
 
 def table(targets: Targets, *names: str) -> str:

@@ -22,6 +22,7 @@ from conftest import (
     TcpServer,
     basic_auth,
     echo_checksummed,
+    env_with_module,
     listen_args,
     rss_kib,
     ws_url,
@@ -508,8 +509,9 @@ def test_without_web_auth_files_are_public_but_upgrades_are_not(
 def test_web_auth_plugin_sees_the_request_and_no_target_with_tokens(
     start_proxy: ProxyFactory, echo_server: TcpServer, site: Site, tmp_path: Path
 ) -> None:
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "seen.py").write_text(
+    env = env_with_module(
+        tmp_path / "plugins",
+        "seen",
         "from websockify.auth_plugins import AuthenticationError\n"
         "class Seen:\n"
         "    def __init__(self, src):\n"
@@ -517,7 +519,7 @@ def test_web_auth_plugin_sees_the_request_and_no_target_with_tokens(
         "    def authenticate(self, headers, target_host, target_port):\n"
         "        if headers.get('X-Pass') != self.src:\n"
         "            raise AuthenticationError(response_code=403, response_msg='No pass')\n"
-        "        print('auth saw', target_host, target_port, flush=True)\n"
+        "        print('auth saw', target_host, target_port, flush=True)\n",
     )
     tokens = tmp_path / "tokens"
     tokens.write_text(f"vm: {echo_server.target}\n")
@@ -526,7 +528,7 @@ def test_web_auth_plugin_sees_the_request_and_no_target_with_tokens(
         "--web", str(site.root), "--web-auth", "--auth-plugin", "seen.Seen",
         "--auth-source", "letmein", "--token-plugin", "TokenFile", "--token-source",
         str(tokens), listen, listen=address,
-        env={**os.environ, "PYTHONPATH": str(tmp_path / "plugins")},
+        env=env,
     )  # fmt: skip
     assert get(address, "/app/ui.js").status == 403
     assert get(address, "/app/ui.js", "X-Pass: letmein").status == 200
@@ -537,8 +539,9 @@ def test_a_slow_web_auth_plugin_holds_up_no_one(
     start_proxy: ProxyFactory, echo_server: TcpServer, site: Site, tmp_path: Path
 ) -> None:
     release = tmp_path / "release"
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "slow.py").write_text(
+    env = env_with_module(
+        tmp_path / "plugins",
+        "slow",
         "import os, time\n"
         "class Slow:\n"
         "    def __init__(self, src):\n"
@@ -548,13 +551,13 @@ def test_a_slow_web_auth_plugin_holds_up_no_one(
         "            print('plugin waiting', flush=True)\n"
         "            deadline = time.monotonic() + 30\n"
         "            while not os.path.exists(self.release) and time.monotonic() < deadline:\n"
-        "                time.sleep(0.01)\n"
+        "                time.sleep(0.01)\n",
     )
     listen, address = listen_args()
     proxy = start_proxy(
         "--web", str(site.root), "--web-auth", "--auth-plugin", "slow.Slow",
         "--auth-source", str(release), listen, echo_server.target, listen=address,
-        env={**os.environ, "PYTHONPATH": str(tmp_path / "plugins")},
+        env=env,
     )  # fmt: skip
     with socket.create_connection(address, timeout=DEADLINE) as slow:
         slow.sendall(b"GET /app/ui.js HTTP/1.1\r\nX-Slow: 1\r\n\r\n")
