@@ -2203,24 +2203,29 @@ class _WorkerPool:
         self._size = size
         self._jobs: queue.Queue[Optional[Tuple[Callable[[], Any], WorkerDone]]] = queue.Queue()
         self._threads: List[threading.Thread] = []
+        # Every job is claimed when it is submitted: by an idle thread, by a new thread, or,
+        # with every thread busy, by the next thread to finish (the backlog). A thread
+        # counts as idle only once it has no claimed job left, so a quick job never waits
+        # behind a slow one while a thread is free or may still be started.
         self._idle = 0
+        self._backlog = 0
         self._lock = threading.Lock()
 
     def submit(self, func: Callable[[], Any], done: "WorkerDone") -> None:
         with self._lock:
-            if not self._idle and len(self._threads) < self._size:
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self._size:
                 thread = threading.Thread(target=self._work, name="websockify-worker", daemon=True)
                 self._threads.append(thread)
                 thread.start()
+            else:
+                self._backlog += 1
         self._jobs.put((func, done))
 
     def _work(self) -> None:
         while True:
-            with self._lock:
-                self._idle += 1
             job = self._jobs.get()
-            with self._lock:
-                self._idle -= 1
             if job is None:
                 return
             func, done = job
@@ -2229,6 +2234,11 @@ class _WorkerPool:
             except Exception as exc:
                 result, error = None, exc
             self._loop.call_soon_threadsafe(_bind_done(done, result, error))
+            with self._lock:
+                if self._backlog:
+                    self._backlog -= 1
+                else:
+                    self._idle += 1
 
     def close(self) -> None:
         for _ in self._threads:
