@@ -95,6 +95,7 @@ __all__ = (
     "BaseTokenPlugin",
     "BasicHTTPAuth",
     "ClientCertCNAuth",
+    "CloseCode",
     "ConfigError",
     "ExpectOrigin",
     "Frame",
@@ -114,20 +115,30 @@ __all__ = (
     "TokenPlugin",
     "TokenRedis",
     "UnixDomainSocketDirectory",
+    "WebPathError",
+    "accept_key",
+    "accept_response",
     "check_auth",
+    "check_upgrade",
+    "close_payload",
+    "encode_frame",
+    "error_response",
+    "find_head_end",
     "frame_header",
     "load_plugin",
     "lookup_target",
     "main",
     "parse_args",
+    "parse_close",
     "parse_request",
+    "resolve_web_path",
     "token_from_request",
     "unmask",
 )
 
-Buffer = Union[bytes, bytearray, memoryview]
+_Buffer = Union[bytes, bytearray, memoryview]
 
-log = logging.getLogger("websockify_min")
+_log = logging.getLogger("websockify_min")
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 MAX_HEAD_BYTES = 16 * 1024  # a request head larger than this gets 431 (h11's default)
@@ -222,7 +233,7 @@ _XOR_TABLES = [
 _TRANSLATE_FROM = 1024
 
 
-def unmask(data: Buffer, mask: bytes, offset: int = 0) -> Buffer:
+def unmask(data: _Buffer, mask: bytes, offset: int = 0) -> _Buffer:
     """XOR *data* with the 4-byte *mask*; *offset* = payload bytes of this frame already seen.
 
     The offset lets a frame's payload be unmasked piecewise as it streams in.
@@ -306,7 +317,7 @@ def parse_request(head: bytes) -> Request:
     )
 
 
-def header_tokens(headers: http.client.HTTPMessage, name: str) -> List[str]:
+def _header_tokens(headers: http.client.HTTPMessage, name: str) -> List[str]:
     """The comma-separated values of every *name* header, stripped and lower-cased."""
     values = headers.get_all(name) or []
     return [
@@ -314,9 +325,9 @@ def header_tokens(headers: http.client.HTTPMessage, name: str) -> List[str]:
     ]
 
 
-def is_upgrade(request: Request) -> bool:
+def _is_upgrade(request: Request) -> bool:
     """True when the client asks for a WebSocket, whether or not the request is valid."""
-    return "websocket" in header_tokens(request.headers, "Upgrade")
+    return "websocket" in _header_tokens(request.headers, "Upgrade")
 
 
 def check_upgrade(request: Request) -> Tuple[str, Optional[str]]:
@@ -330,10 +341,10 @@ def check_upgrade(request: Request) -> Tuple[str, Optional[str]]:
         raise HandshakeError(405, "WebSocket upgrade needs GET", {"Allow": "GET"})
     if request.version != "HTTP/1.1":
         raise HandshakeError(400, "WebSocket upgrade needs HTTP/1.1", version_header)
-    if not is_upgrade(request):
+    if not _is_upgrade(request):
         upgrade_headers = {"Upgrade": "websocket", **version_header}
         raise HandshakeError(426, "Not a WebSocket upgrade", upgrade_headers)
-    if "upgrade" not in header_tokens(request.headers, "Connection"):
+    if "upgrade" not in _header_tokens(request.headers, "Connection"):
         raise HandshakeError(400, "Missing 'Connection: Upgrade'", version_header)
     versions = request.headers.get_all("Sec-WebSocket-Version") or []
     if [v.strip() for v in versions] != ["13"]:
@@ -371,30 +382,30 @@ def accept_response(key: str, subprotocol: Optional[str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def status_phrase(status: int) -> str:
+def _status_phrase(status: int) -> str:
     try:
         return str(http.HTTPStatus(status).phrase)
     except ValueError:
         return "Error"
 
 
-def response_head(status: int, headers: Sequence[Tuple[str, str]]) -> bytes:
+def _response_head(status: int, headers: Sequence[Tuple[str, str]]) -> bytes:
     """A response status line and header fields, ending with the blank line."""
-    lines = [f"HTTP/1.1 {status} {status_phrase(status)}"]
+    lines = [f"HTTP/1.1 {status} {_status_phrase(status)}"]
     lines += [f"{name}: {value}" for name, value in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
 def error_response(status: int, reason: str, headers: Mapping[str, str] = {}) -> bytes:
     """A complete error response with a short plain-text body; the connection then closes."""
-    body = f"{status} {status_phrase(status)}: {reason}\n".encode("utf-8", "replace")
+    body = f"{status} {_status_phrase(status)}: {reason}\n".encode("utf-8", "replace")
     fields = [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
     ]
     fields += [(name, value) for name, value in headers.items()]
-    return response_head(status, fields) + body
+    return _response_head(status, fields) + body
 
 
 # --- the client behind proxies ---
@@ -407,7 +418,7 @@ _FORWARDED_ELEMENT = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
 _FORWARDED_PAIR = re.compile(r'([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
 
-def forwarded_for(headers: http.client.HTTPMessage) -> List[str]:
+def _forwarded_for(headers: http.client.HTTPMessage) -> List[str]:
     """The client addresses that proxies recorded, the first client first.
 
     The ``for=`` of every RFC 7239 Forwarded element ("unknown" for an element without
@@ -448,7 +459,7 @@ def _node_address(node: str) -> Optional[_IPAddress]:
     return address
 
 
-def real_client(peer: str, nodes: Sequence[str], trusted: Sequence[_IPNetwork]) -> Optional[str]:
+def _real_client(peer: str, nodes: Sequence[str], trusted: Sequence[_IPNetwork]) -> Optional[str]:
     """The address of the client behind trusted proxies, for the log.
 
     None when *peer* (the address that connected) is not in *trusted*, or when no proxy
@@ -476,7 +487,7 @@ class Frame(NamedTuple):
     """One event from FrameDecoder."""
 
     opcode: int  # the message's opcode (TEXT/BINARY) for data chunks, else the control opcode
-    payload: Buffer  # this chunk, unmasked
+    payload: _Buffer  # this chunk, unmasked
     fin: bool  # last chunk of the message; always True for control frames
 
 
@@ -485,7 +496,7 @@ def _valid_close_code(code: int) -> bool:
     return (1000 <= code <= 1014 and code not in (1004, 1005, 1006)) or 3000 <= code <= 4999
 
 
-def parse_close(payload: Buffer) -> Tuple[int, str]:
+def parse_close(payload: _Buffer) -> Tuple[int, str]:
     """The status code and reason of a close frame (1005 when it has no code)."""
     if not payload:
         return CloseCode.NO_STATUS, ""
@@ -560,7 +571,7 @@ class FrameDecoder:
         self._utf8: Any = None  # incremental UTF-8 check of a text message
         self.error: Optional[ProtocolError] = None  # a violation behind the events last returned
 
-    def feed(self, data: Buffer) -> List[Frame]:
+    def feed(self, data: _Buffer) -> List[Frame]:
         """Decode the next bytes from the client; *data* may be reused once this returns.
 
         A violation raises ProtocolError, unless events came before it in *data*: then
@@ -607,7 +618,7 @@ class FrameDecoder:
                 pos += used
             pos += self._take_payload(view, pos, events)
 
-    def _parse_header(self, buf: Buffer) -> int:
+    def _parse_header(self, buf: _Buffer) -> int:
         """Parse and check one frame header at the start of *buf*; 0 if it is incomplete."""
         size = len(buf)
         if size < 2:
@@ -1062,7 +1073,7 @@ class ReadOnlyTokenFile(BaseTokenPlugin):
             new = [message for message in skipped if message not in self._reported]
             self._reported.update(new)
         for message in new:
-            log.warning("%s: skipped %s", type(self).__name__, message)
+            _log.warning("%s: skipped %s", type(self).__name__, message)
 
     def _current_targets(self) -> Dict[str, Target]:
         return self._targets
@@ -1150,7 +1161,7 @@ class TokenJSONFile(BaseTokenPlugin):
         with open(self._path, encoding="utf-8-sig") as file:  # -sig: tolerate a BOM
             targets, skipped = _parse_json_tokens(file.read())
         for message in skipped:
-            log.warning("TokenJSONFile: %s: skipped %s", self._path, message)
+            _log.warning("TokenJSONFile: %s: skipped %s", self._path, message)
         return targets
 
     def _reload_if_changed(self) -> None:
@@ -1167,7 +1178,7 @@ class TokenJSONFile(BaseTokenPlugin):
             try:
                 self._targets = self._read_targets()  # one assignment: readers need no lock
             except (OSError, ValueError) as exc:
-                log.warning(
+                _log.warning(
                     "TokenJSONFile: %s unusable, keeping the previous tokens: %s",
                     self._path,
                     _describe(exc),
@@ -1226,7 +1237,7 @@ class BaseTokenAPI(BaseTokenPlugin):
             exc.close()
             if 400 <= exc.code < 500:  # the service refuses this token
                 if exc.code != 404:
-                    log.warning("%s: the token service answered %d", plugin, exc.code)
+                    _log.warning("%s: the token service answered %d", plugin, exc.code)
                 return None
             raise
         if len(response.content) > _MAX_TARGET_BYTES:
@@ -1422,7 +1433,7 @@ class JWTTokenApi(BaseTokenPlugin):
             try:
                 self._jwk = jwk.JWK(kty="oct", k=secret)
             except Exception as exc:  # jwcrypto raises many types
-                log.warning("JWTTokenApi: jwcrypto refuses the key: %s", _describe(exc))
+                _log.warning("JWTTokenApi: jwcrypto refuses the key: %s", _describe(exc))
 
     def _decrypt(self, token: str) -> str:
         jwe = _import_jwcrypto("jwe")
@@ -1659,30 +1670,30 @@ def lookup_target(plugin: "TokenPlugin", token: Optional[str]) -> Target:
     each refusal."""
     name = type(plugin).__name__
     if not token:
-        log.warning("%s: no token in the request", name)
+        _log.warning("%s: no token in the request", name)
         raise HandshakeError(400, "Token missing")
     try:
         result = plugin.lookup(token)
     except HandshakeError as exc:
         detail = exc.detail if isinstance(exc, _TokenRefused) else f"{exc.status} {exc.reason}"
-        log.warning("token %s refused: %s", _brief(token), detail)
+        _log.warning("token %s refused: %s", _brief(token), detail)
         raise
     except (Exception, SystemExit) as exc:  # upstream plugins call sys.exit() on errors
-        log.error(
+        _log.error(
             "token plugin %s failed for token %s: %s",
             name,
             _brief(token),
             _describe(exc),
-            exc_info=log.isEnabledFor(logging.DEBUG),
+            exc_info=_log.isEnabledFor(logging.DEBUG),
         )
         raise HandshakeError(500, "Token lookup failed") from None
     if result is None:
-        log.warning("token %s not found by %s", _brief(token), name)
+        _log.warning("token %s not found by %s", _brief(token), name)
         raise HandshakeError(404, "Token not found")
     try:
         return _target_from_result(result)
     except ValueError as exc:
-        log.warning("token %s: %s returned an invalid target: %s", _brief(token), name, exc)
+        _log.warning("token %s: %s returned an invalid target: %s", _brief(token), name, exc)
         raise HandshakeError(400, "Invalid target for token") from None
 
 
@@ -1734,18 +1745,18 @@ def check_auth(
     try:
         plugin.authenticate(headers=headers, target_host=target_host, target_port=target_port)
     except HandshakeError as exc:
-        log.warning("authentication refused: %d %s", exc.status, exc.reason)
+        _log.warning("authentication refused: %d %s", exc.status, exc.reason)
         raise
     except (Exception, SystemExit) as exc:
         if _is_authentication_error(exc):
             refusal = _refusal_from(exc)
-            log.warning("authentication refused: %s", " ".join(str(exc).split()))
+            _log.warning("authentication refused: %s", " ".join(str(exc).split()))
             raise refusal from None
-        log.error(
+        _log.error(
             "auth plugin %s failed: %s",
             type(plugin).__name__,
             _describe(exc),
-            exc_info=log.isEnabledFor(logging.DEBUG),
+            exc_info=_log.isEnabledFor(logging.DEBUG),
         )
         raise HandshakeError(500, "Authentication failed") from None
 
@@ -1927,7 +1938,7 @@ class WebPathError(HandshakeError):
         self.detail = detail
 
 
-class WebResponse(NamedTuple):
+class _WebResponse(NamedTuple):
     """The answer to a GET or HEAD under --web: *head*, then *body*, then *length* bytes
     of *file* (open, positioned at its start; the receiver closes it)."""
 
@@ -1970,7 +1981,7 @@ def resolve_web_path(root: str, url_path: str) -> str:
     return path
 
 
-def content_type(path: str) -> str:
+def _content_type(path: str) -> str:
     """The Content-Type for the file at *path*, from its name."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in _WEB_TYPES:
@@ -1981,12 +1992,12 @@ def content_type(path: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def http_date(timestamp: float) -> str:
+def _http_date(timestamp: float) -> str:
     """*timestamp* (seconds since the epoch) as an HTTP date (RFC 9110 5.6.7)."""
     return email.utils.formatdate(timestamp, usegmt=True)
 
 
-def is_not_modified(headers: http.client.HTTPMessage, mtime: float, now: float) -> bool:
+def _is_not_modified(headers: http.client.HTTPMessage, mtime: float, now: float) -> bool:
     """True when If-Modified-Since says the client's copy of a file changed at *mtime*
     is current. Ignored, as RFC 9110 13.1.3 asks, with If-None-Match, when the date is
     not valid, or when it is in the future."""
@@ -2006,15 +2017,15 @@ def is_not_modified(headers: http.client.HTTPMessage, mtime: float, now: float) 
     return int(mtime) <= seconds <= now
 
 
-def wants_keep_alive(request: Request) -> bool:
+def _wants_keep_alive(request: Request) -> bool:
     """Whether the connection stays open after the response (RFC 9112 9.3)."""
-    tokens = header_tokens(request.headers, "Connection")
+    tokens = _header_tokens(request.headers, "Connection")
     if request.version == "HTTP/1.0":
         return "keep-alive" in tokens
     return "close" not in tokens
 
 
-def check_web_request(request: Request) -> None:
+def _check_web_request(request: Request) -> None:
     """Raise HandshakeError unless *request* is a GET or HEAD without a body."""
     if request.method not in ("GET", "HEAD"):
         raise HandshakeError(405, "Only GET and HEAD are served", _WEB_ALLOW)
@@ -2029,38 +2040,38 @@ def _connection_field(keep_alive: bool) -> Tuple[str, str]:
     return ("Connection", "keep-alive" if keep_alive else "close")
 
 
-def web_message(
+def _web_message(
     status: int,
     text: str,
     keep_alive: bool,
     head_only: bool = False,
     headers: Sequence[Tuple[str, str]] = (),
     content_type: str = "text/plain; charset=utf-8",
-) -> WebResponse:
+) -> _WebResponse:
     """A response with a small body (*text*, or an HTML page), sent whole."""
     body = text.encode("utf-8", "replace")
     fields = [
         ("Content-Type", content_type),
         ("Content-Length", str(len(body))),
-        ("Date", http_date(time.time())),
+        ("Date", _http_date(time.time())),
         _connection_field(keep_alive),
         *headers,
     ]
-    return WebResponse(status, response_head(status, fields), b"" if head_only else body)
+    return _WebResponse(status, _response_head(status, fields), b"" if head_only else body)
 
 
-def file_head(
+def _file_head(
     status: int, length: int, mtime: float, kind: str, keep_alive: bool, now: float
 ) -> bytes:
     """The head of a response that sends a file (200) or says the client has it (304)."""
-    fields = [("Date", http_date(now)), ("Last-Modified", http_date(int(mtime)))]
+    fields = [("Date", _http_date(now)), ("Last-Modified", _http_date(int(mtime)))]
     if status != 304:  # a 304 has no body, so it says nothing about one
         fields[:0] = [("Content-Type", kind), ("Content-Length", str(length))]
     fields.append(_connection_field(keep_alive))
-    return response_head(status, fields)
+    return _response_head(status, fields)
 
 
-def listing_page(url_path: str, entries: Sequence[Tuple[str, bool]]) -> str:
+def _listing_page(url_path: str, entries: Sequence[Tuple[str, bool]]) -> str:
     """An HTML page listing *entries* ((name, is_directory) pairs) of the directory at
     *url_path* (still percent-encoded). Every name is escaped: a file named
     ``<script>`` shows as text and links to itself."""
@@ -2093,7 +2104,7 @@ def _list_directory(path: str) -> List[Tuple[str, bool]]:
     return entries
 
 
-def serve_static(root: str, request: Request, file_only: bool, keep_alive: bool) -> WebResponse:
+def _serve_static(root: str, request: Request, file_only: bool, keep_alive: bool) -> _WebResponse:
     """Answer a GET or HEAD for *request*'s path under *root* (a real path).
 
     Blocking (it stats, opens and lists files): call it from a worker thread. Raises
@@ -2105,7 +2116,7 @@ def serve_static(root: str, request: Request, file_only: bool, keep_alive: bool)
     try:
         info = os.stat(path)
     except OSError:
-        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+        return _web_message(404, "404 Not Found\n", keep_alive, head_only)
     if stat.S_ISDIR(info.st_mode):
         if not url_path.endswith("/"):
             # One leading slash: "//host/dir/" would send a browser to another server.
@@ -2113,7 +2124,7 @@ def serve_static(root: str, request: Request, file_only: bool, keep_alive: bool)
             if request.query:
                 location += "?" + request.query
             moved = f"Moved to {location}\n"
-            return web_message(301, moved, keep_alive, head_only, [("Location", location)])
+            return _web_message(301, moved, keep_alive, head_only, [("Location", location)])
         for index in _INDEX_FILES:
             candidate = resolve_web_path(root, url_path + index)
             if os.path.isfile(candidate):
@@ -2121,41 +2132,43 @@ def serve_static(root: str, request: Request, file_only: bool, keep_alive: bool)
                 break
         else:
             if file_only:
-                return web_message(404, "404 Not Found\n", keep_alive, head_only)
+                return _web_message(404, "404 Not Found\n", keep_alive, head_only)
             try:
                 entries = _list_directory(path)
             except OSError:
-                return web_message(403, "403 Forbidden\n", keep_alive, head_only)
-            page = listing_page(url_path, entries)
-            return web_message(200, page, keep_alive, head_only, (), "text/html; charset=utf-8")
+                return _web_message(403, "403 Forbidden\n", keep_alive, head_only)
+            page = _listing_page(url_path, entries)
+            return _web_message(200, page, keep_alive, head_only, (), "text/html; charset=utf-8")
     elif url_path.endswith("/"):  # "file/" names no file
-        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+        return _web_message(404, "404 Not Found\n", keep_alive, head_only)
     if not stat.S_ISREG(info.st_mode):  # FIFOs, devices and sockets are not files to send
-        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+        return _web_message(404, "404 Not Found\n", keep_alive, head_only)
     now = time.time()
-    if is_not_modified(request.headers, info.st_mtime, now):
-        return WebResponse(304, file_head(304, 0, info.st_mtime, "", keep_alive, now))
-    kind = content_type(path)
+    if _is_not_modified(request.headers, info.st_mtime, now):
+        return _WebResponse(304, _file_head(304, 0, info.st_mtime, "", keep_alive, now))
+    kind = _content_type(path)
     if head_only or not info.st_size:
-        return WebResponse(200, file_head(200, info.st_size, info.st_mtime, kind, keep_alive, now))
+        return _WebResponse(
+            200, _file_head(200, info.st_size, info.st_mtime, kind, keep_alive, now)
+        )
     try:
         file = open(path, "rb", buffering=0)  # noqa: SIM115 - the session closes it
     except PermissionError:
-        return web_message(403, "403 Forbidden\n", keep_alive, head_only)
+        return _web_message(403, "403 Forbidden\n", keep_alive, head_only)
     except OSError:
-        return web_message(404, "404 Not Found\n", keep_alive, head_only)
+        return _web_message(404, "404 Not Found\n", keep_alive, head_only)
     opened = os.fstat(file.fileno())
     if not stat.S_ISREG(opened.st_mode):  # replaced since the stat above
         file.close()
-        return web_message(404, "404 Not Found\n", keep_alive, head_only)
-    head = file_head(200, opened.st_size, opened.st_mtime, kind, keep_alive, now)
-    return WebResponse(200, head, b"", cast(BinaryIO, file), opened.st_size)
+        return _web_message(404, "404 Not Found\n", keep_alive, head_only)
+    head = _file_head(200, opened.st_size, opened.st_mtime, kind, keep_alive, now)
+    return _WebResponse(200, head, b"", cast(BinaryIO, file), opened.st_size)
 
 
 # === 8. Loop ===
 
 
-class Timer:
+class _Timer:
     """A callback due at a loop time; cancel() is cheap (the heap drops it lazily)."""
 
     __slots__ = ("callback", "cancelled", "when")
@@ -2174,7 +2187,7 @@ def _do_nothing() -> None:
     pass
 
 
-class Watched:
+class _Watched:
     """What the loop polls: a socket, the events it waits for, and handlers for them."""
 
     __slots__ = ("mask", "sock")
@@ -2198,10 +2211,10 @@ class _WorkerPool:
     when a plugin call hangs.
     """
 
-    def __init__(self, loop: "Loop", size: int) -> None:
+    def __init__(self, loop: "_Loop", size: int) -> None:
         self._loop = loop
         self._size = size
-        self._jobs: queue.Queue[Optional[Tuple[Callable[[], Any], WorkerDone]]] = queue.Queue()
+        self._jobs: queue.Queue[Optional[Tuple[Callable[[], Any], _WorkerDone]]] = queue.Queue()
         self._threads: List[threading.Thread] = []
         # Every job is claimed when it is submitted: by an idle thread, by a new thread, or,
         # with every thread busy, by the next thread to finish (the backlog). A thread
@@ -2211,7 +2224,7 @@ class _WorkerPool:
         self._backlog = 0
         self._lock = threading.Lock()
 
-    def submit(self, func: Callable[[], Any], done: "WorkerDone") -> None:
+    def submit(self, func: Callable[[], Any], done: "_WorkerDone") -> None:
         with self._lock:
             if self._idle:
                 self._idle -= 1
@@ -2245,14 +2258,14 @@ class _WorkerPool:
             self._jobs.put(None)
 
 
-def _bind_done(done: "WorkerDone", result: Any, error: Optional[Exception]) -> Callable[[], None]:
+def _bind_done(done: "_WorkerDone", result: Any, error: Optional[Exception]) -> Callable[[], None]:
     return lambda: done(result, error)
 
 
-WorkerDone = Callable[[Any, Optional[Exception]], None]
+_WorkerDone = Callable[[Any, Optional[Exception]], None]
 
 
-class Loop:
+class _Loop:
     """A selectors loop with timers, a worker pool and a thread-safe call_soon (asyncio's shape).
 
     One thread runs it. Each socket is registered once and modified only when the events
@@ -2261,7 +2274,7 @@ class Loop:
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._timers: List[Tuple[float, int, Timer]] = []  # tuples: compared in C
+        self._timers: List[Tuple[float, int, _Timer]] = []  # tuples: compared in C
         self._timer_order = itertools.count()  # equal times keep their order
         self._ready: Deque[Callable[[], None]] = collections.deque()
         self._wake_recv, self._wake_send = socket.socketpair()
@@ -2277,8 +2290,8 @@ class Loop:
         self.recv_buffer = bytearray(RECV_SIZE)
         self.recv_view = memoryview(self.recv_buffer)
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback)
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
+        timer = _Timer(time.monotonic() + delay, callback)
         heapq.heappush(self._timers, (timer.when, next(self._timer_order), timer))
         return timer
 
@@ -2290,11 +2303,11 @@ class Loop:
         except OSError:  # full (a wake-up is pending anyway) or already closed
             pass
 
-    def run_in_worker(self, func: Callable[[], Any], done: WorkerDone) -> None:
+    def run_in_worker(self, func: Callable[[], Any], done: _WorkerDone) -> None:
         """Run func() in a worker thread; done(result, error) then runs on the loop thread."""
         self._workers.submit(func, done)
 
-    def set_interest(self, watched: Watched, mask: int) -> None:
+    def set_interest(self, watched: _Watched, mask: int) -> None:
         if mask == watched.mask:
             return  # on 3.6 a modify() is an unregister plus a register: skip no-ops
         if not watched.mask:
@@ -2375,7 +2388,7 @@ class Loop:
         try:
             callback()
         except Exception:  # a bug in a callback must not stop every other connection
-            log.exception("internal error in a loop callback")
+            _log.exception("internal error in a loop callback")
 
 
 # === 9. Stream ===
@@ -2387,7 +2400,7 @@ _IOV_MAX = 64  # buffers handed to one sendmsg
 _OUTQ_REQUEST = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
 
-class Stream(Watched):
+class _Stream(_Watched):
     """One non-blocking socket (TCP, unix or TLS) with a queue of outgoing bytes.
 
     Writes go to the kernel at once when they can and are queued otherwise (asyncio's
@@ -2411,7 +2424,7 @@ class Stream(Watched):
         "tls",
     )
 
-    def __init__(self, loop: Loop, sock: socket.socket, owner: "Session") -> None:
+    def __init__(self, loop: _Loop, sock: socket.socket, owner: "_Session") -> None:
         super().__init__(sock)
         self.loop = loop
         self.owner = owner
@@ -2537,7 +2550,7 @@ class Stream(Watched):
 
     # -- writing ------------------------------------------------------------------------
 
-    def write(self, data: Buffer) -> None:
+    def write(self, data: _Buffer) -> None:
         """Send *data*, queueing what the kernel does not take now.
 
         *data* may be a view of a reused buffer: what is queued is copied.
@@ -2555,7 +2568,7 @@ class Stream(Watched):
         self._queue(data)
         self.update()
 
-    def write_frame(self, opcode: int, payload: Buffer) -> None:
+    def write_frame(self, opcode: int, payload: _Buffer) -> None:
         """Send one unmasked frame; header and payload leave in one system call."""
         header = frame_header(opcode, len(payload))
         if self.tls or self._out or self.closed or self._close_when_flushed:
@@ -2574,7 +2587,7 @@ class Stream(Watched):
             self._queue(memoryview(payload)[sent:])
             self.update()
 
-    def _queue(self, data: Buffer) -> None:
+    def _queue(self, data: _Buffer) -> None:
         chunk = memoryview(bytes(data))
         self._out.append(chunk)
         self.queued += len(chunk)
@@ -2729,7 +2742,7 @@ def _is_connected(sock: socket.socket) -> bool:
 # === 10. Session ===
 
 
-class State(enum.Enum):
+class _State(enum.Enum):
     TLS_HANDSHAKE = "tls-handshake"  # the client's first byte said TLS
     READ_REQUEST = "read-request"  # gathering the HTTP request head
     WEB = "web"  # serving a plain HTTP request
@@ -2740,37 +2753,37 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-_NEXT: Dict[State, FrozenSet[State]] = {
-    State.READ_REQUEST: frozenset(
-        (State.TLS_HANDSHAKE, State.WEB, State.RESOLVE, State.CLOSING, State.CLOSED)
+_NEXT: Dict[_State, FrozenSet[_State]] = {
+    _State.READ_REQUEST: frozenset(
+        (_State.TLS_HANDSHAKE, _State.WEB, _State.RESOLVE, _State.CLOSING, _State.CLOSED)
     ),
-    State.TLS_HANDSHAKE: frozenset((State.READ_REQUEST, State.CLOSING, State.CLOSED)),
-    State.WEB: frozenset((State.READ_REQUEST, State.CLOSING, State.CLOSED)),
-    State.RESOLVE: frozenset((State.CONNECT, State.CLOSING, State.CLOSED)),
-    State.CONNECT: frozenset((State.RELAY, State.CLOSING, State.CLOSED)),
-    State.RELAY: frozenset((State.CLOSING, State.CLOSED)),
-    State.CLOSING: frozenset((State.CLOSED,)),
-    State.CLOSED: frozenset(),
+    _State.TLS_HANDSHAKE: frozenset((_State.READ_REQUEST, _State.CLOSING, _State.CLOSED)),
+    _State.WEB: frozenset((_State.READ_REQUEST, _State.CLOSING, _State.CLOSED)),
+    _State.RESOLVE: frozenset((_State.CONNECT, _State.CLOSING, _State.CLOSED)),
+    _State.CONNECT: frozenset((_State.RELAY, _State.CLOSING, _State.CLOSED)),
+    _State.RELAY: frozenset((_State.CLOSING, _State.CLOSED)),
+    _State.CLOSING: frozenset((_State.CLOSED,)),
+    _State.CLOSED: frozenset(),
 }
 
 _TLS_FIRST_BYTES = frozenset((0x16, 0x80))  # a TLS handshake record; an SSLv2-style hello
 
 
-class TargetAddress(NamedTuple):
+class _TargetAddress(NamedTuple):
     """A target and the socket addresses to try, in order."""
 
     target: Target
     addresses: List[Tuple[int, Any]]  # (family, socket address) pairs
 
 
-def resolve_target(target: Target, prefer_ipv6: bool = False, flags: int = 0) -> TargetAddress:
+def _resolve_target(target: Target, prefer_ipv6: bool = False, flags: int = 0) -> _TargetAddress:
     """Every address of *target*; blocking unless *flags* has AI_NUMERICHOST (no lookup)."""
     if target.unix_socket is not None:
-        return TargetAddress(target, [(socket.AF_UNIX, target.unix_socket)])
+        return _TargetAddress(target, [(socket.AF_UNIX, target.unix_socket)])
     infos = socket.getaddrinfo(target.host, target.port, 0, socket.SOCK_STREAM, 0, flags)
     if prefer_ipv6:
         infos.sort(key=lambda info: info[0] != socket.AF_INET6)
-    return TargetAddress(target, [(info[0], info[4]) for info in infos])
+    return _TargetAddress(target, [(info[0], info[4]) for info in infos])
 
 
 def _client_cert_cn(sock: socket.socket) -> Optional[str]:
@@ -2830,7 +2843,7 @@ class _Recorder:
     def congested(self) -> bool:
         return self.backlog > RECORD_HIGH_WATER
 
-    def add(self, mark: str, data: Buffer) -> None:
+    def add(self, mark: str, data: _Buffer) -> None:
         """Record *data*: mark "{" went to the client, "}" came from it (loop thread)."""
         ms = int((time.monotonic() - self._start) * 1000)
         self._entries.append((mark, ms, bytes(data)))
@@ -2871,7 +2884,7 @@ class _Recorder:
                 self._file.close()
         except OSError as exc:
             self._failed = True
-            log.warning("--record: cannot write %s: %s", self.path, _strerror(exc))
+            _log.warning("--record: cannot write %s: %s", self.path, _strerror(exc))
             if self._file is not None:
                 with contextlib.suppress(OSError):
                     self._file.close()
@@ -2881,7 +2894,7 @@ class _Recorder:
 class _RecordWriter:
     """One thread writing every record file, in order, so the loop never waits for a disk."""
 
-    def __init__(self, loop: Loop) -> None:
+    def __init__(self, loop: _Loop) -> None:
         self._loop = loop
         self._jobs: queue.Queue[Optional[Tuple[_Recorder, List[_RecordEntry], bool]]]
         self._jobs = queue.Queue()
@@ -2911,7 +2924,7 @@ class _RecordWriter:
             self._loop.call_soon_threadsafe(functools.partial(recorder.written, size))
 
 
-class Session:
+class _Session:
     """One client connection: its streams, its state and everything that happens to it."""
 
     def __init__(self, server: "Server", number: int, sock: socket.socket, peer: str) -> None:
@@ -2920,9 +2933,9 @@ class Session:
         self.number = number
         self.peer = peer  # who the log lines name: the client, behind a trusted proxy too
         self._socket_peer = peer  # the address that connected
-        self.state = State.READ_REQUEST
-        self.client = Stream(self.loop, sock, self)
-        self.target: Optional[Stream] = None
+        self.state = _State.READ_REQUEST
+        self.client = _Stream(self.loop, sock, self)
+        self.target: Optional[_Stream] = None
         self.scheme = "ws"
         self.request: Optional[Request] = None
         self._head = bytearray()
@@ -2931,11 +2944,11 @@ class Session:
         self._decoder: Optional[FrameDecoder] = None
         self._close_sent = False
         self._missed_pongs = 0
-        self._target: Optional[TargetAddress] = None
+        self._target: Optional[_TargetAddress] = None
         self._next_address = 0
         self._last_connect_error: Optional[OSError] = None
-        self._timer: Optional[Timer] = None  # the deadline of the current phase
-        self._heartbeat: Optional[Timer] = None
+        self._timer: Optional[_Timer] = None  # the deadline of the current phase
+        self._heartbeat: Optional[_Timer] = None
         self._traffic = server.options.traffic
         self._recorder: Optional[_Recorder] = None
         self._web_requests = 0  # plain HTTP requests answered on this connection
@@ -2946,7 +2959,7 @@ class Session:
 
     # -- state ----------------------------------------------------------------------------
 
-    def _set_state(self, new: State) -> None:
+    def _set_state(self, new: _State) -> None:
         if new not in _NEXT[self.state]:
             raise AssertionError(f"session {self.number}: {self.state} -> {new}")
         self.state = new
@@ -2993,9 +3006,9 @@ class Session:
 
     def _on_handshake_timeout(self) -> None:
         if self._web_requests and not self._head:
-            log.debug("%s: idle keep-alive connection closed", self.peer)
+            _log.debug("%s: idle keep-alive connection closed", self.peer)
         else:
-            log.info(
+            _log.info(
                 "%s: no complete handshake within %gs, closing", self.peer, self._handshake_s()
             )
         self.abort()
@@ -3005,51 +3018,51 @@ class Session:
 
     # -- stream callbacks -----------------------------------------------------------------
 
-    def on_peek(self, stream: Stream, first_byte: int) -> None:
+    def on_peek(self, stream: _Stream, first_byte: int) -> None:
         if first_byte in _TLS_FIRST_BYTES:
             context = self.server.tls_context
             if context is None:
-                log.info("%s: TLS connection but no certificate (see --cert), closing", self.peer)
+                _log.info("%s: TLS connection but no certificate (see --cert), closing", self.peer)
                 self.abort()
                 return
-            self._set_state(State.TLS_HANDSHAKE)
+            self._set_state(_State.TLS_HANDSHAKE)
             self.scheme = "wss"
             stream.start_tls(context)
         elif self.server.options.ssl_only:
-            log.info("%s: non-TLS connection refused (--ssl-only)", self.peer)
+            _log.info("%s: non-TLS connection refused (--ssl-only)", self.peer)
             self.abort()
 
-    def on_tls_done(self, stream: Stream) -> None:
+    def on_tls_done(self, stream: _Stream) -> None:
         if stream is self.client:
-            self._set_state(State.READ_REQUEST)
+            self._set_state(_State.READ_REQUEST)
         else:
             self._on_target_ready()
 
-    def on_data(self, stream: Stream, data: memoryview) -> None:
+    def on_data(self, stream: _Stream, data: memoryview) -> None:
         if stream is self.target:
             self._from_target(data)
         elif self._decoder is not None:
             self._from_client(data)
-        elif self.state is State.READ_REQUEST:
+        elif self.state is _State.READ_REQUEST:
             self._read_request(data)
 
-    def on_eof(self, stream: Stream) -> None:
+    def on_eof(self, stream: _Stream) -> None:
         if stream is self.target:
-            log.info("%s: target %s closed the connection", self.peer, self._target_name())
+            _log.info("%s: target %s closed the connection", self.peer, self._target_name())
             stream.close()
             self._close_client(CloseCode.NORMAL, "Target closed")
-        elif self.state is State.RELAY:
-            log.info("%s: client closed the connection without a close frame", self.peer)
+        elif self.state is _State.RELAY:
+            _log.info("%s: client closed the connection without a close frame", self.peer)
             self._close_all_after_flush()
         else:
             stream.close()
             self._release_target()
 
-    def on_drain(self, stream: Stream) -> None:
-        if self.state is State.WEB and stream is self.client:
+    def on_drain(self, stream: _Stream) -> None:
+        if self.state is _State.WEB and stream is self.client:
             self._send_web_file()
             return
-        if self.state is not State.RELAY:
+        if self.state is not _State.RELAY:
             return
         if self._recorder is not None and self._recorder.congested:
             return  # resumed by _on_record_drain
@@ -3066,48 +3079,48 @@ class Session:
         if target is None or target.queued <= HIGH_WATER:
             client.set_reading(True)
 
-    def on_closed(self, stream: Stream) -> None:
-        if self.state is State.CLOSED:
+    def on_closed(self, stream: _Stream) -> None:
+        if self.state is _State.CLOSED:
             return
         if stream is self.client:
             self._release_target()  # nothing more can reach the client
         if self.client.closed and (self.target is None or self.target.closed):
             self._finish()
 
-    def on_connected(self, stream: Stream) -> None:
+    def on_connected(self, stream: _Stream) -> None:
         if self.server.target_tls_context is not None:
             assert self._target is not None
             stream.start_tls(self.server.target_tls_context, self._target.target.host)
         else:
             self._on_target_ready()
 
-    def on_error(self, stream: Optional[Stream], exc: Exception) -> None:
+    def on_error(self, stream: Optional[_Stream], exc: Exception) -> None:
         """The session's error boundary: one bad connection never disturbs the others."""
-        if self.state is State.CLOSED:
+        if self.state is _State.CLOSED:
             return
         if isinstance(exc, HandshakeError):
             self._refuse(exc)
         elif isinstance(exc, ProtocolError):
-            log.info(
+            _log.info(
                 "%s: protocol error, closing with %d: %s", self.peer, exc.close_code, exc.reason
             )
             self._close_client(exc.close_code, exc.reason)
         elif isinstance(exc, OSError) and stream is not None and stream is self.target:
-            if self.state is State.CONNECT:
+            if self.state is _State.CONNECT:
                 self._last_connect_error = exc
                 self._connect_next()
             else:
-                log.info("%s: target %s: %s", self.peer, self._target_name(), _strerror(exc))
+                _log.info("%s: target %s: %s", self.peer, self._target_name(), _strerror(exc))
                 stream.close()
                 self._close_client(CloseCode.INTERNAL_ERROR, "Target connection failed")
         elif isinstance(exc, OSError):
-            if isinstance(exc, ssl.SSLError) and self.state is State.TLS_HANDSHAKE:
-                log.info("%s: TLS handshake failed: %s", self.peer, _strerror(exc))
+            if isinstance(exc, ssl.SSLError) and self.state is _State.TLS_HANDSHAKE:
+                _log.info("%s: TLS handshake failed: %s", self.peer, _strerror(exc))
             else:
-                log.debug("%s: client connection: %s", self.peer, _strerror(exc))
+                _log.debug("%s: client connection: %s", self.peer, _strerror(exc))
             self.abort()
         else:
-            log.error("%s: internal error", self.peer, exc_info=exc)
+            _log.error("%s: internal error", self.peer, exc_info=exc)
             self.abort()
 
     # -- handshake ------------------------------------------------------------------------
@@ -3123,11 +3136,11 @@ class Session:
         self.request = request
         self.client.set_reading(False)
         if self.server.trusted_proxies:  # a proxy may pass on other clients' requests
-            real = real_client(
-                self._socket_peer, forwarded_for(request.headers), self.server.trusted_proxies
+            real = _real_client(
+                self._socket_peer, _forwarded_for(request.headers), self.server.trusted_proxies
             )
             self.peer = self._socket_peer if real is None else f"{real} via {self._socket_peer}"
-        if not is_upgrade(request):
+        if not _is_upgrade(request):
             if self.server.web_root is not None:
                 self._start_web(request)
                 return
@@ -3142,9 +3155,9 @@ class Session:
         self._accept = accept_response(key, subprotocol)
         self._prepare_auth_headers(request)
         kind = "SSL/TLS (wss://)" if self.scheme == "wss" else "Plain non-SSL (ws://)"
-        log.info("%s: %s WebSocket connection", self.peer, kind)
-        log.info("%s: Path: '%s'", self.peer, request.target)
-        self._set_state(State.RESOLVE)
+        _log.info("%s: %s WebSocket connection", self.peer, kind)
+        _log.info("%s: Path: '%s'", self.peer, request.target)
+        self._set_state(_State.RESOLVE)
         fixed = self.server.fixed_target
         if fixed is not None:
             self._on_resolved(fixed, None)
@@ -3160,7 +3173,7 @@ class Session:
         origin = origins[0].strip() if len(origins) == 1 else ""
         if origin.lower() not in self.server.allowed_origins:
             shown = _brief(origin) if origin else "(none)"
-            log.warning("%s: origin %s is not allowed (--allow-origin)", self.peer, shown)
+            _log.warning("%s: origin %s is not allowed (--allow-origin)", self.peer, shown)
             raise HandshakeError(403, "Origin not allowed")
 
     def _prepare_auth_headers(self, request: Request) -> None:
@@ -3172,8 +3185,8 @@ class Session:
     def _on_resolve_timeout(self) -> None:
         raise HandshakeError(504, "Looking up the target took too long")  # plugin or DNS
 
-    def _on_resolved(self, result: Optional[TargetAddress], error: Optional[Exception]) -> None:
-        if self.state is not State.RESOLVE:
+    def _on_resolved(self, result: Optional[_TargetAddress], error: Optional[Exception]) -> None:
+        if self.state is not _State.RESOLVE:
             return  # timed out or closed meanwhile
         if error is not None:
             if isinstance(error, socket.gaierror):
@@ -3182,8 +3195,8 @@ class Session:
             raise error
         assert result is not None
         self._target = result
-        log.info("%s: connecting to: %s", self.peer, result.target)
-        self._set_state(State.CONNECT)
+        _log.info("%s: connecting to: %s", self.peer, result.target)
+        self._set_state(_State.CONNECT)
         self._connect_next()
 
     def _connect_next(self) -> None:
@@ -3204,7 +3217,7 @@ class Session:
             sock.setblocking(False)
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.target = Stream(self.loop, sock, self)
+            self.target = _Stream(self.loop, sock, self)
             left = len(addresses) - self._next_address + 1
             # Share what remains of the deadline, so a silent address cannot eat it all.
             self._set_deadline(self.server.options.connect_timeout / left, self._connect_next)
@@ -3219,9 +3232,9 @@ class Session:
         self._target_unreachable(f"Failed to connect to {target.target}: {reason}")
 
     def _target_unreachable(self, reason: str) -> None:
-        log.info("%s: %s", self.peer, reason)
+        _log.info("%s: %s", self.peer, reason)
         self.client.write(self._accept)
-        self._set_state(State.RELAY)
+        self._set_state(_State.RELAY)
         self.server.on_relay_started(self)  # a WebSocket all the same, for --run-once
         self._close_client(CloseCode.INTERNAL_ERROR, reason)
 
@@ -3231,7 +3244,7 @@ class Session:
             self._timer.cancel()
             self._timer = None
         self.client.write(self._accept)
-        self._set_state(State.RELAY)
+        self._set_state(_State.RELAY)
         self._decoder = FrameDecoder(self.server.options.max_message_size)
         if self.server.options.record:
             self._recorder = self.server.new_recorder(self.number, self._on_record_drain)
@@ -3249,11 +3262,11 @@ class Session:
 
     def _start_web(self, request: Request) -> None:
         """Answer a plain request from the web root; the files are looked at in a worker."""
-        check_web_request(request)
-        self._set_state(State.WEB)
+        _check_web_request(request)
+        self._set_state(_State.WEB)
         self._web_requests += 1
         self._web_started = False
-        self._keep_alive = wants_keep_alive(request)
+        self._keep_alive = _wants_keep_alive(request)
         if self.server.options.web_auth:
             self._prepare_auth_headers(request)
         number, keep_alive = self._web_requests, self._keep_alive
@@ -3267,9 +3280,9 @@ class Session:
         raise HandshakeError(504, "Answering took too long")  # an auth plugin or the disk
 
     def _on_web_answer(
-        self, number: int, result: Optional[WebResponse], error: Optional[Exception]
+        self, number: int, result: Optional[_WebResponse], error: Optional[Exception]
     ) -> None:
-        if self.state is not State.WEB or number != self._web_requests:
+        if self.state is not _State.WEB or number != self._web_requests:
             if result is not None and result.file is not None:
                 result.file.close()  # timed out or closed meanwhile
             return
@@ -3281,7 +3294,7 @@ class Session:
             self._timer = None
         request = self.request
         size = result.length or len(result.body)
-        log.info(
+        _log.info(
             '%s: "%s %s" %d %d', self.peer, request.method, request.target, result.status, size
         )
         self._web_started = True
@@ -3295,7 +3308,7 @@ class Session:
         A regular file reads fast, but a whole large one at once would hold up every
         other connection: each turn sends at most WEB_BURST bytes.
         """
-        if self.state is not State.WEB or not self._web_started:
+        if self.state is not _State.WEB or not self._web_started:
             return  # a late call: the response ended, or the next one is not ready yet
         client, file = self.client, self._web_file
         budget = WEB_BURST
@@ -3303,11 +3316,11 @@ class Session:
             try:
                 chunk = file.read(min(WEB_CHUNK, self._web_left))
             except OSError as exc:
-                log.warning("%s: reading %s: %s", self.peer, file.name, _strerror(exc))
+                _log.warning("%s: reading %s: %s", self.peer, file.name, _strerror(exc))
                 self.abort()
                 return
             if not chunk:
-                log.warning("%s: %s shrank while it was sent", self.peer, file.name)
+                _log.warning("%s: %s shrank while it was sent", self.peer, file.name)
                 self.abort()
                 return
             self._web_left -= len(chunk)
@@ -3328,11 +3341,11 @@ class Session:
         self._close_web_file()
         self._web_started = False
         if not self._keep_alive:
-            self._set_state(State.CLOSING)
+            self._set_state(_State.CLOSING)
             self.client.linger()
             self._set_close_deadline()
             return
-        self._set_state(State.READ_REQUEST)
+        self._set_state(_State.READ_REQUEST)
         self._set_deadline(self.server.options.handshake_timeout, self._on_handshake_timeout)
         self.client.set_reading(True)
         if self._early:  # a pipelined request
@@ -3347,13 +3360,13 @@ class Session:
 
     def _refuse(self, exc: HandshakeError) -> None:
         """Answer a request that cannot become a WebSocket with an HTTP error, then close."""
-        if self.state not in (State.READ_REQUEST, State.RESOLVE, State.WEB) or self._web_started:
+        if self.state not in (_State.READ_REQUEST, _State.RESOLVE, _State.WEB) or self._web_started:
             self.abort()  # the 101 or a response head is sent: no HTTP answer is possible
             return
         request = self.request
         line = f"{request.method} {request.target}" if request else "-"
         if isinstance(exc, WebPathError):
-            log.warning(
+            _log.warning(
                 '%s: "%s" %d %s: path refused: %s',
                 self.peer,
                 line,
@@ -3362,11 +3375,11 @@ class Session:
                 exc.detail,
             )
         else:
-            log.info('%s: "%s" %d %s', self.peer, line, exc.status, exc.reason)
+            _log.info('%s: "%s" %d %s', self.peer, line, exc.status, exc.reason)
         self.client.write(error_response(exc.status, exc.reason, exc.headers))
         if self.target is not None:
             self.target.close()
-        self._set_state(State.CLOSING)
+        self._set_state(_State.CLOSING)
         self.client.linger()
         self._set_close_deadline()
 
@@ -3382,7 +3395,7 @@ class Session:
         for frame in frames:
             opcode = frame.opcode
             if opcode in (OP_BINARY, OP_TEXT):
-                if self.state is State.RELAY and self.target is not None and frame.payload:
+                if self.state is _State.RELAY and self.target is not None and frame.payload:
                     self.target.write(frame.payload)
                     if self._recorder is not None:
                         self._recorder.add("}", frame.payload)
@@ -3404,7 +3417,7 @@ class Session:
             self.client.set_reading(False)  # resumed by on_drain
 
     def _from_target(self, data: memoryview) -> None:
-        if self.state is not State.RELAY:
+        if self.state is not _State.RELAY:
             return
         if self._traffic:
             _traffic_mark("{")
@@ -3422,17 +3435,17 @@ class Session:
 
     def _on_record_drain(self) -> None:
         """The record file caught up: resume the sides that only waited for it."""
-        if self.state is not State.RELAY:
+        if self.state is not _State.RELAY:
             return
         for stream in (self.target, self.client):
             if stream is not None and not stream.closed and stream.queued <= LOW_WATER:
                 self.on_drain(stream)
 
     def _ping(self) -> None:
-        if self.state is not State.RELAY:
+        if self.state is not _State.RELAY:
             return
         if self._missed_pongs >= MISSED_PONGS:
-            log.info("%s: client sent nothing for %d pings, closing", self.peer, MISSED_PONGS)
+            _log.info("%s: client sent nothing for %d pings, closing", self.peer, MISSED_PONGS)
             self.abort()
             return
         client = self.client
@@ -3445,9 +3458,9 @@ class Session:
 
     # -- closing --------------------------------------------------------------------------
 
-    def _on_client_close(self, payload: Buffer) -> None:
+    def _on_client_close(self, payload: _Buffer) -> None:
         code, reason = parse_close(payload)
-        log.info("%s: client closed the WebSocket: %d %s", self.peer, code, reason)
+        _log.info("%s: client closed the WebSocket: %d %s", self.peer, code, reason)
         if not self._close_sent:  # echo the code (RFC 6455 5.5.1); the handshake is complete
             reply = close_payload(code) if code != CloseCode.NO_STATUS else b""
             self.client.write(encode_frame(OP_CLOSE, reply))
@@ -3455,8 +3468,8 @@ class Session:
         self._close_all_after_flush()
 
     def _close_all_after_flush(self) -> None:
-        if self.state is not State.CLOSING:
-            self._set_state(State.CLOSING)
+        if self.state is not _State.CLOSING:
+            self._set_state(_State.CLOSING)
             self._set_close_deadline()
         self._release_target()
         self.client.close_when_flushed()
@@ -3468,8 +3481,8 @@ class Session:
             return
         self.client.write(encode_frame(OP_CLOSE, close_payload(code, reason)))
         self._close_sent = True
-        if self.state is not State.CLOSING:
-            self._set_state(State.CLOSING)
+        if self.state is not _State.CLOSING:
+            self._set_state(_State.CLOSING)
         self._set_close_deadline()
         if self._decoder is None or code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self.client.linger()  # no well-formed close frame will come back
@@ -3494,9 +3507,9 @@ class Session:
     def shutdown(self) -> None:
         """The server is stopping: say goodbye (1001) to a WebSocket, drop anything else."""
         try:
-            if self.state is State.RELAY:
+            if self.state is _State.RELAY:
                 self._close_client(CloseCode.GOING_AWAY, "Server shutting down")
-            elif self.state is not State.CLOSING:
+            elif self.state is not _State.CLOSING:
                 self.abort()
         except Exception as exc:  # a client already gone must not stop the others' goodbyes
             self.on_error(None, exc)
@@ -3508,7 +3521,7 @@ class Session:
         self.client.close()
 
     def _finish(self) -> None:
-        self._set_state(State.CLOSED)
+        self._set_state(_State.CLOSED)
         for timer in (self._timer, self._heartbeat):
             if timer is not None:
                 timer.cancel()
@@ -3517,7 +3530,7 @@ class Session:
         if self._recorder is not None:
             self._recorder.close()
         self._close_web_file()
-        log.debug("%s: session %d closed", self.peer, self.number)
+        _log.debug("%s: session %d closed", self.peer, self.number)
         self.server.on_session_closed(self)
 
     def _target_name(self) -> str:
@@ -3564,7 +3577,7 @@ def _session_limit(per_session: int = 2) -> int:
     return max(1, (soft - _SPARE_DESCRIPTORS) // per_session)
 
 
-class _Listener(Watched):
+class _Listener(_Watched):
     __slots__ = ("server",)
 
     def __init__(self, server: "Server", sock: socket.socket) -> None:
@@ -3575,7 +3588,7 @@ class _Listener(Watched):
         self.server._accept(self)
 
     def on_error(self, exc: Exception) -> None:
-        log.error("error accepting a connection", exc_info=exc)
+        _log.error("error accepting a connection", exc_info=exc)
 
 
 # -- the wrapped program: PORT -- COMMAND ---------------------------------------------------
@@ -3652,7 +3665,7 @@ class _WrappedProgram:
     reaped with a non-blocking waitpid, and *on_exit* gets its status."""
 
     def __init__(
-        self, options: "Options", loop: Loop, rebind: str, on_exit: Callable[[int], None]
+        self, options: "Options", loop: _Loop, rebind: str, on_exit: Callable[[int], None]
     ) -> None:
         self.command = list(options.wrap_cmd)
         if shutil.which(self.command[0]) is None:
@@ -3665,7 +3678,7 @@ class _WrappedProgram:
             addresses.append((socket.AF_INET6, ("::1", self.port, 0, 0)))
             if options.prefer_ipv6:
                 addresses.reverse()
-        self.target = TargetAddress(Target("127.0.0.1", self.port), addresses)
+        self.target = _TargetAddress(Target("127.0.0.1", self.port), addresses)
         self.env = dict(os.environ)
         preload = self.env.get("LD_PRELOAD")
         self.env["LD_PRELOAD"] = f"{rebind}:{preload}" if preload else rebind
@@ -3673,7 +3686,7 @@ class _WrappedProgram:
         self.env["REBIND_NEW_PORT"] = str(self.port)
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self._starts: Deque[float] = collections.deque(maxlen=RESPAWN_LIMIT)
-        self._respawn_timer: Optional[Timer] = None
+        self._respawn_timer: Optional[_Timer] = None
         self._waiter_thread = False
         self._stopped = False
 
@@ -3684,11 +3697,11 @@ class _WrappedProgram:
         try:
             proc = subprocess.Popen(self.command, env=self.env)
         except OSError as exc:
-            log.error("cannot start %s: %s", self.command[0], _strerror(exc))
+            _log.error("cannot start %s: %s", self.command[0], _strerror(exc))
             self.loop.call_soon_threadsafe(lambda: self.on_exit(127))  # as a shell would say
             return
         self.proc = proc
-        log.info(
+        _log.info(
             "started the wrapped program (pid %d), its port moved to loopback port %d: %s",
             proc.pid,
             self.port,
@@ -3721,7 +3734,7 @@ class _WrappedProgram:
         if len(self._starts) == RESPAWN_LIMIT:
             wait = self._starts[0] + RESPAWN_WINDOW - time.monotonic()
         if wait > 0:
-            log.warning(
+            _log.warning(
                 "--wrap-mode respawn: started %d times within %gs; restarting it in %.1fs",
                 RESPAWN_LIMIT,
                 RESPAWN_WINDOW,
@@ -3731,7 +3744,7 @@ class _WrappedProgram:
                 wait, lambda: self.start(self._waiter_thread)
             )
             return
-        log.info("--wrap-mode respawn: restarting the wrapped program")
+        _log.info("--wrap-mode respawn: restarting the wrapped program")
         self.start(self._waiter_thread)
 
     def stop(self) -> None:
@@ -3745,12 +3758,12 @@ class _WrappedProgram:
         if proc is None:
             return
         if proc.poll() is None:
-            log.info("stopping the wrapped program (pid %d)", proc.pid)
+            _log.info("stopping the wrapped program (pid %d)", proc.pid)
             proc.terminate()
             try:
                 proc.wait(WRAP_STOP_DEADLINE)
             except subprocess.TimeoutExpired:
-                log.warning(
+                _log.warning(
                     "the wrapped program (pid %d) is still running %gs after SIGTERM: killing it",
                     proc.pid,
                     WRAP_STOP_DEADLINE,
@@ -3767,9 +3780,9 @@ def _log_exit(proc: "subprocess.Popen[bytes]") -> None:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        log.info("the wrapped program (pid %d) was killed by %s", proc.pid, name)
+        _log.info("the wrapped program (pid %d) was killed by %s", proc.pid, name)
     else:
-        log.info("the wrapped program (pid %d) exited with status %d", proc.pid, proc.returncode)
+        _log.info("the wrapped program (pid %d) exited with status %d", proc.pid, proc.returncode)
 
 
 class Server:
@@ -3784,9 +3797,9 @@ class Server:
     ) -> None:
         self.options = options
         self._given_listeners = list(listeners) if listeners is not None else None
-        self.loop = Loop()
-        self.tls_context = make_server_context(options)
-        self.target_tls_context = make_target_context(options) if options.ssl_target else None
+        self.loop = _Loop()
+        self.tls_context = _make_server_context(options)
+        self.target_tls_context = _make_target_context(options) if options.ssl_target else None
         self.token_plugin: Optional[TokenPlugin] = None
         self.auth_plugin: Optional[AuthPlugin] = None
         if options.token_plugin:
@@ -3803,12 +3816,12 @@ class Server:
         self.trusted_proxies = _parse_networks(options.trusted_proxy)
         self.exit_status = 0
         self._listeners: List[_Listener] = []
-        self._sessions: Dict[int, Session] = {}
+        self._sessions: Dict[int, _Session] = {}
         self._count = 0
         self._accepting = False
         self._stopping = False
-        self._idle_timer: Optional[Timer] = None
-        self._retry_timer: Optional[Timer] = None
+        self._idle_timer: Optional[_Timer] = None
+        self._retry_timer: Optional[_Timer] = None
         self._max_sessions = _session_limit(3 if options.record else 2)
         self._full = False  # accepting paused at _max_sessions until a session ends
         self._thread: Optional[threading.Thread] = None
@@ -3844,7 +3857,7 @@ class Server:
         if self.options.unix_listen:
             self._unix_path = self.options.unix_listen
         for address in self.addresses:
-            log.info("listening on %s", _format_address(address))
+            _log.info("listening on %s", _format_address(address))
 
     def hand_over_listeners(self) -> List[socket.socket]:
         """Give up the bound sockets, and this server's loop, to serve them elsewhere.
@@ -3889,12 +3902,12 @@ class Server:
     def shutdown(self) -> None:
         """Stop accepting, close every session (1001 for WebSockets), then stop the loop."""
         if self._stopping:
-            log.info("second stop request: closing every connection now")
+            _log.info("second stop request: closing every connection now")
             for session in list(self._sessions.values()):
                 session.abort()
             self.loop.stop()
             return
-        log.info("shutting down")
+        _log.info("shutting down")
         for session in list(self._sessions.values()):
             session.shutdown()
         self._wind_down()
@@ -3918,15 +3931,15 @@ class Server:
 
     def reopen_log_files(self) -> None:
         """SIGHUP: reopen --log-file by its name (after logrotate moved it); never stop."""
-        log.info("SIGHUP: reopening log files")
+        _log.info("SIGHUP: reopening log files")
         self.loop.run_in_worker(_reopen_log_files, _after_reopen)
 
     # -- sessions -------------------------------------------------------------------------
 
-    def find_target(self, request: Request) -> TargetAddress:
+    def find_target(self, request: Request) -> _TargetAddress:
         """Where *request* may go: token lookup, auth, DNS (blocking: runs in a worker)."""
         options = self.options
-        wrapped: Optional[TargetAddress] = None
+        wrapped: Optional[_TargetAddress] = None
         if self.token_plugin is not None:
             host = request.headers.get("Host")
             token = token_from_request(request.query, host, options.host_token)
@@ -3938,26 +3951,26 @@ class Server:
             target = _configured_target(options)
         if self.auth_plugin is not None:
             check_auth(self.auth_plugin, request.headers, target)
-        return wrapped or resolve_target(target, options.prefer_ipv6)
+        return wrapped or _resolve_target(target, options.prefer_ipv6)
 
-    def answer_web(self, request: Request, keep_alive: bool) -> WebResponse:
+    def answer_web(self, request: Request, keep_alive: bool) -> _WebResponse:
         """The response to a plain GET or HEAD: auth with --web-auth, then the file
         (blocking: runs in a worker)."""
         assert self.web_root is not None
         if self.options.web_auth and self.auth_plugin is not None:
             check_auth(self.auth_plugin, request.headers, _web_auth_target(self.options))
-        return serve_static(self.web_root, request, self.options.file_only, keep_alive)
+        return _serve_static(self.web_root, request, self.options.file_only, keep_alive)
 
-    def on_relay_started(self, session: Session) -> None:
+    def on_relay_started(self, session: _Session) -> None:
         if self.options.run_once and self._accepting:
-            log.info("--run-once: serving this session, then exiting")
+            _log.info("--run-once: serving this session, then exiting")
             self._wind_down()
 
     def new_recorder(self, number: int, on_drain: Callable[[], None]) -> _Recorder:
         """The --record file of session *number*: FILE.<number>, as upstream names it."""
         return _Recorder(f"{self.options.record}.{number}", self._record_writer, on_drain)
 
-    def on_session_closed(self, session: Session) -> None:
+    def on_session_closed(self, session: _Session) -> None:
         self._sessions.pop(session.number, None)
         if self._retry_timer is not None:  # descriptors were short; one just came free
             self._retry_timer.cancel()
@@ -3977,7 +3990,7 @@ class Server:
         options = self.options
         if options.traffic:
             for line in _TRAFFIC_LEGEND:
-                log.info("%s", line)
+                _log.info("%s", line)
         for listener in self._listeners:
             listener.sock.setblocking(False)
         self._resume_accepting()
@@ -3987,7 +4000,7 @@ class Server:
             self._arm_idle_timer()
 
     def _on_timeout(self) -> None:
-        log.info("--timeout reached: no new connections; exiting once sessions end")
+        _log.info("--timeout reached: no new connections; exiting once sessions end")
         self._wind_down()
 
     def _arm_idle_timer(self) -> None:
@@ -3997,7 +4010,7 @@ class Server:
 
     def _on_idle(self) -> None:
         if not self._sessions and not self._stopping:
-            log.info("--idle-timeout: no session for %gs, exiting", self.options.idle_timeout)
+            _log.info("--idle-timeout: no session for %gs, exiting", self.options.idle_timeout)
             self._wind_down()
 
     def _wind_down(self) -> None:
@@ -4040,7 +4053,7 @@ class Server:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
                 # Waiting on the listener now would spin: it stays readable. Pause instead.
-                log.warning(
+                _log.warning(
                     "cannot accept: %s; pausing %gs (%d sessions open)",
                     _strerror(exc),
                     _ACCEPT_RETRY,
@@ -4051,7 +4064,7 @@ class Server:
                 return
             self._start_session(sock, address)
             if self._max_sessions and len(self._sessions) >= self._max_sessions:
-                log.warning(
+                _log.warning(
                     "%d sessions open, all the descriptor limit allows: new clients wait",
                     len(self._sessions),
                 )
@@ -4066,12 +4079,12 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._count += 1
         peer = _format_peer(address)
-        session = Session(self, self._count, sock, peer)
+        session = _Session(self, self._count, sock, peer)
         self._sessions[session.number] = session
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        log.debug("%s: session %d accepted (%d open)", peer, self._count, len(self._sessions))
+        _log.debug("%s: session %d accepted (%d open)", peer, self._count, len(self._sessions))
         session.start()
 
     def _on_program_exit(self, status: int) -> None:
@@ -4079,14 +4092,14 @@ class Server:
             return
         mode = self.options.wrap_mode
         if mode == "exit":
-            log.info("--wrap-mode exit: exiting with the program's status %d", status)
+            _log.info("--wrap-mode exit: exiting with the program's status %d", status)
             self.exit_status = status
             self.shutdown()
         elif mode == "respawn":
             assert self._program is not None
             self._program.respawn()
         else:
-            log.info(
+            _log.info(
                 "--wrap-mode ignore: serving on; its port refuses connections until it is back"
             )
 
@@ -4111,7 +4124,7 @@ def _reopen_log_files() -> List[str]:
     The old file stays in use when the new one cannot be opened, so no line is lost.
     """
     failures = []
-    for handler in log.handlers:
+    for handler in _log.handlers:
         if not isinstance(handler, logging.FileHandler):
             continue
         try:
@@ -4134,9 +4147,9 @@ def _after_reopen(failures: Optional[List[str]], error: Optional[Exception]) -> 
     if error is not None:
         failures = [_describe(error)]
     for failure in failures or ():
-        log.warning("--log-file: %s; still writing to the old file", failure)
+        _log.warning("--log-file: %s; still writing to the old file", failure)
     if not failures:
-        log.info("SIGHUP: log files reopened")
+        _log.info("SIGHUP: log files reopened")
 
 
 def _format_address(address: Any) -> str:
@@ -4163,14 +4176,14 @@ def _configured_target(options: "Options") -> Target:
 
 def _fixed_target(
     options: "Options", program: Optional["_WrappedProgram"] = None
-) -> Optional[TargetAddress]:
+) -> Optional[_TargetAddress]:
     """The target's addresses when a connection needs no worker: no plugin, no DNS."""
     if options.token_plugin or options.auth_plugin:
         return None
     if program is not None:
         return program.target
     try:
-        return resolve_target(
+        return _resolve_target(
             _configured_target(options), options.prefer_ipv6, socket.AI_NUMERICHOST
         )
     except socket.gaierror:
@@ -4388,7 +4401,7 @@ class _Supervisor:
         signums = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
         old_handlers = {signum: signal.signal(signum, self._on_signal) for signum in signums}
         mode = "own sockets (SO_REUSEPORT)" if self.own_sockets else "shared sockets"
-        log.info("starting %d worker processes, %s", self.options.workers, mode)
+        _log.info("starting %d worker processes, %s", self.options.workers, mode)
         try:
             for index in range(self.options.workers):
                 self._spawn(inherit=index == 0)
@@ -4423,7 +4436,7 @@ class _Supervisor:
                 _after_reopen(_reopen_log_files(), None)
                 self._signal_workers(signal.SIGHUP)
             if stop_by is None and (signal.SIGTERM in signums or signal.SIGINT in signums):
-                log.info("stopping %d workers", len(self.workers))
+                _log.info("stopping %d workers", len(self.workers))
                 stop_by = time.monotonic() + CLOSE_TIMEOUT + 5
                 restarts = []
                 self._signal_workers(signal.SIGTERM)
@@ -4436,17 +4449,17 @@ class _Supervisor:
                         if os.WIFSIGNALED(status)
                         else f"exited with status {os.WEXITSTATUS(status)}"
                     )
-                    log.warning("worker %d %s; starting another", pid, how)
+                    _log.warning("worker %d %s; starting another", pid, how)
                     soon = time.monotonic() - started < _RESTART_DELAY
                     restarts.append(time.monotonic() + (_RESTART_DELAY if soon else 0.0))
                 else:  # --timeout, --idle-timeout: it is done, not broken
-                    log.info("worker %d finished", pid)
+                    _log.info("worker %d finished", pid)
             now = time.monotonic()
             for when in [when for when in restarts if when <= now]:
                 restarts.remove(when)
                 self._spawn(inherit=False)
             if stop_by is not None and now >= stop_by and self.workers:
-                log.info("workers still running after %gs: killing them", CLOSE_TIMEOUT + 5)
+                _log.info("workers still running after %gs: killing them", CLOSE_TIMEOUT + 5)
                 self._signal_workers(signal.SIGKILL)
                 stop_by = now + 3600  # reaped as they die; nothing more to send
 
@@ -4495,7 +4508,7 @@ class _Supervisor:
             status = Server(self.options, listeners).serve_forever()
         except BaseException as exc:  # whatever happens, this process must not return
             if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                log.error("worker %d failed: %s", os.getpid(), _describe(exc), exc_info=exc)
+                _log.error("worker %d failed: %s", os.getpid(), _describe(exc), exc_info=exc)
         finally:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
@@ -4515,7 +4528,7 @@ class _Supervisor:
 _TLS_VERSIONS = {"default": None, "tlsv1_1": "TLSv1_1", "tlsv1_2": "TLSv1_2", "tlsv1_3": "TLSv1_3"}
 
 
-def make_server_context(options: "Options") -> Optional[ssl.SSLContext]:
+def _make_server_context(options: "Options") -> Optional[ssl.SSLContext]:
     """The TLS context for wss:// clients, or None when there is no certificate."""
     cert = options.cert
     if not os.path.exists(cert):
@@ -4587,7 +4600,7 @@ def _key_password(options: "Options") -> Tuple[str, Optional[bytes]]:
     return "--key-password", None
 
 
-def make_target_context(options: "Options") -> ssl.SSLContext:
+def _make_target_context(options: "Options") -> ssl.SSLContext:
     """The TLS context for --ssl-target: verify the target, send SNI."""
     context = ssl.create_default_context()
     if options.ssl_target_cafile:
@@ -4680,10 +4693,6 @@ _USAGE = """
     %(prog)s [options] --token-plugin CLASS [source_addr:]source_port
     %(prog)s [options] --unix-target FILE [source_addr:]source_port
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
-
-# Options that parse but whose feature this build does not have: refused with a clear error.
-_NOT_YET: Tuple[str, ...] = ()
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -4829,7 +4838,7 @@ def _build_parser() -> _Parser:
     add("--host-token", action="store_true", help="take the token from the Host header")
     add("--auth-plugin", metavar="CLASS", help="auth plugin: a short name or module.Class")
     add("--auth-source", metavar="ARG", help="argument for the auth plugin")
-    add("--log-file", metavar="FILE", help="also log to FILE")
+    add("--log-file", metavar="FILE", help="also _log to FILE")
     add("--syslog", metavar="SERVER", help="log to syslog: a socket path or host:port (UDP)")
     add("--legacy-syslog", action="store_true", help="BSD syslog format instead of RFC 5424")
     add(
@@ -4962,12 +4971,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise ConfigError("--record cannot be combined with --workers")
     if wrap_cmd and fields["workers"] > 1:  # each worker would start the program again
         raise ConfigError("--workers cannot be combined with a command to wrap")
-    options = Options(**fields)
-    for name in _NOT_YET:
-        if getattr(options, name):
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} is not supported yet by websockify_min {__version__}")
-    return options
+    return Options(**fields)
 
 
 SYSLOG_APP_NAME = "WebSockify"  # upstream's ident, so existing syslog filters keep matching
@@ -5056,7 +5060,7 @@ class _SyslogHandler(logging.Handler):
             return
         if self._send(datagram) and self.dropped:
             dropped, self.dropped = self.dropped, 0
-            warning = logging.LogRecord(log.name, logging.WARNING, "", 0, "", None, None)
+            warning = logging.LogRecord(_log.name, logging.WARNING, "", 0, "", None, None)
             self._send(self.line(warning, f"syslog: {dropped} earlier lines were dropped"))
 
     def _send(self, datagram: bytes) -> bool:
@@ -5072,10 +5076,10 @@ class _SyslogHandler(logging.Handler):
         super().close()
 
 
-def configure_logging(options: Options) -> None:
+def _configure_logging(options: Options) -> None:
     """Log lines to stderr (not once daemonized), --log-file and --syslog, as upstream does."""
-    log.setLevel(logging.DEBUG if options.verbose else logging.INFO)
-    log.propagate = False
+    _log.setLevel(logging.DEBUG if options.verbose else logging.INFO)
+    _log.propagate = False
     # No format below shows a record's source line, thread or process: finding them for
     # every record was a quarter of the Python work of a short connection (the logging
     # HOWTO's own "optimization" switches; this process is ours, main() runs it).
@@ -5086,7 +5090,7 @@ def configure_logging(options: Options) -> None:
     if not options.daemon:
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(stderr)
+        _log.addHandler(stderr)
     if options.log_file:
         try:
             to_file = logging.FileHandler(options.log_file)
@@ -5095,12 +5099,12 @@ def configure_logging(options: Options) -> None:
                 f"--log-file: cannot open {options.log_file}: {_strerror(exc)}"
             ) from None
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(to_file)
+        _log.addHandler(to_file)
     if options.syslog:
         facility = _FACILITY_DAEMON if options.daemon else _FACILITY_USER
         to_syslog = _SyslogHandler(options.syslog, facility, options.legacy_syslog)
         to_syslog.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(to_syslog)
+        _log.addHandler(to_syslog)
 
 
 # -- running as a service ----------------------------------------------------------------
@@ -5222,7 +5226,7 @@ def _remove_pid_file(path: str) -> None:
                 return
         os.unlink(path)
     except OSError as exc:
-        log.warning("--pid-file: cannot remove %s: %s", path, _strerror(exc))
+        _log.warning("--pid-file: cannot remove %s: %s", path, _strerror(exc))
 
 
 class _Identity(NamedTuple):
@@ -5274,7 +5278,7 @@ def _drop_privileges(identity: _Identity) -> None:
             os.setuid(identity.uid)
     except OSError as exc:
         raise ConfigError(f"--user/--group: cannot switch: {_strerror(exc)}") from None
-    log.info("running as uid %d, gid %d", os.getuid(), os.getgid())
+    _log.info("running as uid %d, gid %d", os.getuid(), os.getgid())
 
 
 # === 13. main ===
@@ -5290,9 +5294,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if options.daemon:
             options = _absolute_paths(options)
         identity = _identity(options.user, options.group)
-        configure_logging(options)  # before forking: the daemon keeps the log file open
+        _configure_logging(options)  # before forking: the daemon keeps the log file open
         if options.libserver:
-            log.info("--libserver is accepted for compatibility and has no effect")
+            _log.info("--libserver is accepted for compatibility and has no effect")
         if options.daemon:
             ready_pipe = _daemonize()
         server = Server(options)

@@ -13,13 +13,13 @@ from websockify_min import (
     MAX_HEADERS,
     HandshakeError,
     Request,
+    _header_tokens,
+    _is_upgrade,
     accept_key,
     accept_response,
     check_upgrade,
     error_response,
     find_head_end,
-    header_tokens,
-    is_upgrade,
     parse_request,
 )
 
@@ -326,7 +326,7 @@ def test_near_valid_heads_parse_or_raise_handshake_error(line: bytes, fields: Li
         assert exc.status in (400, 431, 505)
         event(f"parse_request: {exc.status}")
         return
-    is_upgrade(request)
+    _is_upgrade(request)
     try:
         key, protocol = check_upgrade(request)
     except HandshakeError as exc:
@@ -384,8 +384,8 @@ def test_generated_valid_requests_round_trip(
 
 def test_header_tokens_split_strip_and_lower() -> None:
     request = parse_request(head("Connection: keep-alive, Upgrade", "connection: ,, CLOSE ,"))
-    assert header_tokens(request.headers, "Connection") == ["keep-alive", "upgrade", "close"]
-    assert header_tokens(request.headers, "Missing") == []
+    assert _header_tokens(request.headers, "Connection") == ["keep-alive", "upgrade", "close"]
+    assert _header_tokens(request.headers, "Missing") == []
 
 
 @pytest.mark.parametrize(
@@ -402,7 +402,7 @@ def test_header_tokens_split_strip_and_lower() -> None:
     ],
 )
 def test_is_upgrade(fields: Tuple[str, ...], expected: bool) -> None:
-    assert is_upgrade(parse_request(head(*fields))) is expected
+    assert _is_upgrade(parse_request(head(*fields))) is expected
 
 
 def test_rfc_6455_sample_key() -> None:

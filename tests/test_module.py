@@ -6,6 +6,8 @@ from typing import Set
 
 from conftest import PROXY_SCRIPT
 
+import websockify_min
+
 STDLIB: Set[str] = set(getattr(sys, "stdlib_module_names", ())) | {"__future__"}
 
 
@@ -38,3 +40,23 @@ def test_no_function_imports_anything_but_stdlib_and_optional_extras() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.add(node.module.split(".")[0])
     assert found - STDLIB <= optional, found - STDLIB
+
+
+def test_every_public_name_is_exported() -> None:
+    """The public API is what __all__ lists; everything else is _private or a CONSTANT."""
+    defined = []
+    nodes = list(module_tree().body)
+    for node in nodes:
+        if isinstance(node, ast.If):  # names defined for mypy alone, and their stand-ins
+            nodes += node.body + node.orelse
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.append(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                elements = target.elts if isinstance(target, ast.Tuple) else [target]
+                defined += [element.id for element in elements if isinstance(element, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.append(node.target.id)
+    public = {name for name in defined if not name.startswith("_") and not name.isupper()}
+    assert public == set(websockify_min.__all__)
+    assert len(websockify_min.__all__) == len(set(websockify_min.__all__))

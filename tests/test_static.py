@@ -17,16 +17,16 @@ from websockify_min import (
     HandshakeError,
     Request,
     WebPathError,
-    check_web_request,
-    content_type,
-    file_head,
-    is_not_modified,
-    listing_page,
+    _check_web_request,
+    _content_type,
+    _file_head,
+    _is_not_modified,
+    _listing_page,
+    _serve_static,
+    _wants_keep_alive,
+    _web_message,
     parse_request,
     resolve_web_path,
-    serve_static,
-    wants_keep_alive,
-    web_message,
 )
 
 
@@ -172,7 +172,7 @@ def test_any_string_resolves_inside_the_root_or_raises_web_path_error(
     ],
 )
 def test_content_type(name: str, expected: str) -> None:
-    assert content_type(f"/www/{name}") == expected
+    assert _content_type(f"/www/{name}") == expected
 
 
 MTIME = 1_700_000_000
@@ -201,7 +201,7 @@ MTIME = 1_700_000_000
 )
 def test_if_modified_since(fields: Tuple[str, ...], expected: bool) -> None:
     headers = request("GET / HTTP/1.1", *fields).headers
-    assert is_not_modified(headers, MTIME + 0.5, time.time()) is expected
+    assert _is_not_modified(headers, MTIME + 0.5, time.time()) is expected
 
 
 @pytest.mark.parametrize(
@@ -215,13 +215,13 @@ def test_if_modified_since(fields: Tuple[str, ...], expected: bool) -> None:
     ],
 )
 def test_keep_alive(line: str, fields: Tuple[str, ...], expected: bool) -> None:
-    assert wants_keep_alive(request(line, *fields)) is expected
+    assert _wants_keep_alive(request(line, *fields)) is expected
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH", "BREW"])
 def test_other_methods_get_405_with_allow(method: str) -> None:
     with pytest.raises(HandshakeError) as caught:
-        check_web_request(request(f"{method} / HTTP/1.1"))
+        _check_web_request(request(f"{method} / HTTP/1.1"))
     assert caught.value.status == 405
     assert caught.value.headers == {"Allow": "GET, HEAD"}
 
@@ -231,13 +231,13 @@ def test_other_methods_get_405_with_allow(method: str) -> None:
 )
 def test_a_get_with_a_body_gets_400(fields: Tuple[str, ...]) -> None:
     with pytest.raises(HandshakeError) as caught:
-        check_web_request(request("GET / HTTP/1.1", *fields))
+        _check_web_request(request("GET / HTTP/1.1", *fields))
     assert caught.value.status == 400
 
 
 def test_get_and_head_pass() -> None:
-    check_web_request(request("GET / HTTP/1.1"))
-    check_web_request(request("HEAD / HTTP/1.1", "Content-Length: 0"))
+    _check_web_request(request("GET / HTTP/1.1"))
+    _check_web_request(request("HEAD / HTTP/1.1", "Content-Length: 0"))
 
 
 # -- response builders ----------------------------------------------------------------------
@@ -253,7 +253,7 @@ def parse_head(data: bytes) -> Tuple[int, dict]:  # type: ignore[type-arg]
 
 def test_file_head_200() -> None:
     now = time.time()
-    status, fields = parse_head(file_head(200, 1234, MTIME + 0.9, "text/css", True, now))
+    status, fields = parse_head(_file_head(200, 1234, MTIME + 0.9, "text/css", True, now))
     assert status == 200
     assert fields == {
         "Content-Type": "text/css",
@@ -265,15 +265,15 @@ def test_file_head_200() -> None:
 
 
 def test_file_head_304_has_no_body_fields() -> None:
-    status, fields = parse_head(file_head(304, 0, MTIME, "", False, time.time()))
+    status, fields = parse_head(_file_head(304, 0, MTIME, "", False, time.time()))
     assert status == 304
     assert set(fields) == {"Date", "Last-Modified", "Connection"}
     assert fields["Connection"] == "close"
 
 
 def test_web_message_head_only_keeps_the_length() -> None:
-    full = web_message(404, "gone\n", True)
-    head = web_message(404, "gone\n", True, head_only=True)
+    full = _web_message(404, "gone\n", True)
+    head = _web_message(404, "gone\n", True, head_only=True)
     assert full.body == b"gone\n" and head.body == b""
     assert parse_head(full.head)[1]["Content-Length"] == "5"
     assert parse_head(head.head)[1]["Content-Length"] == "5"
@@ -298,7 +298,7 @@ HOSTILE = '<img src=x onerror="alert(1)">&amp;\'"'
 
 
 def test_listing_escapes_hostile_names() -> None:
-    page = listing_page("/dir%3Cb%3E/", [(HOSTILE, False), ("sub dir", True), ("b.txt", False)])
+    page = _listing_page("/dir%3Cb%3E/", [(HOSTILE, False), ("sub dir", True), ("b.txt", False)])
     assert "<img" not in page and "<b>" not in page
     links = _Links()
     links.feed(page)
@@ -312,7 +312,7 @@ def test_listing_escapes_hostile_names() -> None:
 def test_listing_links_decode_back_to_the_names() -> None:
     names = [HOSTILE, "a b", "100%", "é", "#frag", "?q"]
     links = _Links()
-    links.feed(listing_page("/", [(name, False) for name in names]))
+    links.feed(_listing_page("/", [(name, False) for name in names]))
     assert sorted(urllib.parse.unquote(href) for href in links.hrefs) == sorted(names)
     assert all(":" not in href and "?" not in href and "#" not in href for href in links.hrefs)
 
@@ -323,7 +323,7 @@ def test_listing_links_decode_back_to_the_names() -> None:
 def test_serve_a_file(web_root: Tuple[str, Path]) -> None:
     root, _ = web_root
     data = (Path(root) / "sub" / "data.bin").read_bytes()
-    response = serve_static(root, request("GET /sub/data.bin HTTP/1.1"), False, True)
+    response = _serve_static(root, request("GET /sub/data.bin HTTP/1.1"), False, True)
     assert response.status == 200 and response.file is not None and response.length == 100
     try:
         assert hashlib.sha256(response.file.read()).digest() == hashlib.sha256(data).digest()
@@ -334,34 +334,34 @@ def test_serve_a_file(web_root: Tuple[str, Path]) -> None:
 
 def test_head_opens_nothing(web_root: Tuple[str, Path]) -> None:
     root, _ = web_root
-    response = serve_static(root, request("HEAD /app.js HTTP/1.1"), False, True)
+    response = _serve_static(root, request("HEAD /app.js HTTP/1.1"), False, True)
     assert response.status == 200 and response.file is None and response.body == b""
     assert parse_head(response.head)[1]["Content-Type"] == "text/javascript"
 
 
 def test_directory_index_and_redirect(web_root: Tuple[str, Path]) -> None:
     root, _ = web_root
-    response = serve_static(root, request("GET / HTTP/1.1"), True, True)
+    response = _serve_static(root, request("GET / HTTP/1.1"), True, True)
     assert response.status == 200 and response.file is not None
     response.file.close()
-    moved = serve_static(root, request("GET //sub?x=1 HTTP/1.1"), False, True)
+    moved = _serve_static(root, request("GET //sub?x=1 HTTP/1.1"), False, True)
     assert moved.status == 301
     assert parse_head(moved.head)[1]["Location"] == "/sub/?x=1"  # never "//sub/"
 
 
 def test_listing_on_and_off(web_root: Tuple[str, Path]) -> None:
     root, _ = web_root
-    listing = serve_static(root, request("GET /sub/ HTTP/1.1"), False, True)
+    listing = _serve_static(root, request("GET /sub/ HTTP/1.1"), False, True)
     assert listing.status == 200 and b"data.bin" in listing.body
     assert parse_head(listing.head)[1]["Content-Type"] == "text/html; charset=utf-8"
-    assert serve_static(root, request("GET /sub/ HTTP/1.1"), True, True).status == 404
+    assert _serve_static(root, request("GET /sub/ HTTP/1.1"), True, True).status == 404
 
 
 def test_missing_file_special_file_and_slash_after_a_file(web_root: Tuple[str, Path]) -> None:
     root, _ = web_root
     os.mkfifo(os.path.join(root, "fifo"))
     for path in ("/nothing", "/fifo", "/app.js/"):
-        assert serve_static(root, request(f"GET {path} HTTP/1.1"), False, True).status == 404
+        assert _serve_static(root, request(f"GET {path} HTTP/1.1"), False, True).status == 404
 
 
 def test_not_modified(web_root: Tuple[str, Path]) -> None:
@@ -370,7 +370,7 @@ def test_not_modified(web_root: Tuple[str, Path]) -> None:
     line = "GET /app.js HTTP/1.1"
     for since, status in ((MTIME, 304), (MTIME + 1, 304), (MTIME - 1, 200)):
         field = f"If-Modified-Since: {email.utils.formatdate(since, usegmt=True)}"
-        response = serve_static(root, request(line, field), False, False)
+        response = _serve_static(root, request(line, field), False, False)
         assert response.status == status
         assert (response.file is None) is (status == 304)
         if response.file is not None:

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from websockify_min import forwarded_for, parse_request, real_client
+from websockify_min import _forwarded_for, _real_client, parse_request
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -709,7 +709,7 @@ def headers_of(*fields: str) -> http.client.HTTPMessage:
     ],
 )
 def test_forwarded_for(fields: Tuple[str, ...], nodes: List[str]) -> None:
-    assert forwarded_for(headers_of(*fields)) == nodes
+    assert _forwarded_for(headers_of(*fields)) == nodes
 
 
 TRUSTED = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
@@ -733,15 +733,15 @@ TRUSTED = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
     ],
 )
 def test_real_client(peer: str, nodes: List[str], client: Optional[str]) -> None:
-    assert real_client(peer, nodes, TRUSTED) == client
+    assert _real_client(peer, nodes, TRUSTED) == client
 
 
 @given(st.text(), st.lists(st.text(max_size=50), max_size=5))
 def test_real_client_names_an_ip_address_or_unknown(peer: str, nodes: List[str]) -> None:
-    client = real_client("10.0.0.1", nodes, TRUSTED)
+    client = _real_client("10.0.0.1", nodes, TRUSTED)
     if client is not None and client != "unknown":
         ipaddress.ip_address(client)
-    real_client(peer, nodes, TRUSTED)
+    _real_client(peer, nodes, TRUSTED)
 
 
 def test_https_and_wss_on_one_port(
