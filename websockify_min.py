@@ -4694,6 +4694,7 @@ _USAGE = """
     %(prog)s [options] --unix-target FILE [source_addr:]source_port
     %(prog)s [options] [source_addr:]source_port -- WRAP_COMMAND_LINE"""
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
