@@ -29,7 +29,7 @@ from conftest import (
     RawClient,
     TcpServer,
     client_frame,
-    free_port,
+    listen_args,
     rss_kib,
     wait_until,
 )
@@ -40,11 +40,6 @@ from websockify_min import unmask
 pytestmark = pytest.mark.timeout(180)
 
 RSS_BOUND_KIB = 60 * 1024  # the proxy's resident memory while a peer is held back
-
-
-def listen_args() -> Tuple[str, Tuple[str, int]]:
-    port = free_port()
-    return f"127.0.0.1:{port}", ("127.0.0.1", port)
 
 
 def raise_descriptor_limit(needed: int) -> None:

@@ -30,17 +30,12 @@ from conftest import (
     cpu_seconds,
     descriptor_count,
     echo_handler,
-    free_port,
+    listen_args,
     rss_kib,
     wait_until,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def listen_args() -> Tuple[str, Tuple[str, int]]:
-    port = free_port()
-    return f"127.0.0.1:{port}", ("127.0.0.1", port)
 
 
 def upgrade_request(path: str = "/websockify", *headers: str) -> bytes:

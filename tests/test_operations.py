@@ -30,7 +30,9 @@ from conftest import (
     client_frame,
     echo_checksummed,
     free_port,
+    listen_args,
     wait_until,
+    ws_url,
 )
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -38,15 +40,6 @@ from websockets.sync.client import connect
 pytestmark = pytest.mark.timeout(120)
 
 NODE = shutil.which("node")
-
-
-def listen_args() -> Tuple[str, Tuple[str, int]]:
-    port = free_port()
-    return f"127.0.0.1:{port}", ("127.0.0.1", port)
-
-
-def ws_url(address: Tuple[str, int], path: str = "/websockify") -> str:
-    return f"ws://{address[0]}:{address[1]}{path}"
 
 
 # -- record files ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import signal
 import socket
 import struct
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Set
 
 import pytest
 from conftest import (
@@ -15,15 +15,11 @@ from conftest import (
     RawClient,
     TcpServer,
     free_port,
+    listen_args,
     wait_until,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def listen_args() -> Tuple[str, Tuple[str, int]]:
-    port = free_port()
-    return f"127.0.0.1:{port}", ("127.0.0.1", port)
 
 
 def children_of(pid: int) -> Set[int]:
