@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -19,13 +18,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import pytest
-import trustme
 from conftest import (
     DEADLINE,
     PROXY_SCRIPT,
+    Pki,
     ProxyFactory,
     RawClient,
     TcpServer,
+    assert_echoed,
     can_connect,
     client_frame,
     echo_checksummed,
@@ -138,13 +138,7 @@ def test_record_files_parse_and_decode_to_the_bytes_sent(
     large = os.urandom(300_000)  # several writer hand-overs
     with connect(ws_url(address), max_size=None) as ws:
         for payload in [*TRICKY, large]:
-            ws.send(payload)
-            got = b""
-            while len(got) < len(payload):
-                chunk = ws.recv(DEADLINE)
-                assert isinstance(chunk, bytes)
-                got += chunk
-            assert got == payload
+            assert_echoed(ws, payload)
     with connect(ws_url(address)) as ws:  # a second session gets a file of its own
         ws.send(b"second session")
         assert ws.recv(DEADLINE) == b"second session"
@@ -231,38 +225,22 @@ def test_record_file_that_cannot_be_written_leaves_the_session_alone(
 # -- log file and SIGHUP --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server_pem(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, trustme.CA]:
-    """A certificate and key for 127.0.0.1 in one file, and the CA that signed it."""
-    ca = trustme.CA()
-    pem = tmp_path_factory.mktemp("pki") / "server.pem"
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    return pem, ca
-
-
-def client_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 def test_log_file_names_client_address_kind_path_and_target(
     start_proxy: ProxyFactory,
     echo_server: TcpServer,
     tmp_path: Path,
-    server_pem: Tuple[Path, trustme.CA],
+    pki: Pki,
 ) -> None:
-    pem, ca = server_pem
-    log_file = tmp_path / "proxy.log"
+    pem, log_file = str(pki.server_pem), tmp_path / "proxy.log"
     listen, address = listen_args()
     start_proxy(
-        "--cert", str(pem), "--log-file", str(log_file), listen, echo_server.target, listen=address
+        "--cert", pem, "--log-file", str(log_file), listen, echo_server.target, listen=address
     )
     with connect(ws_url(address, "/plain?one=1")) as ws:
         ws.send(b"ws")
         assert ws.recv(DEADLINE) == b"ws"
     wss_url = f"wss://{address[0]}:{address[1]}/secure/path"
-    with connect(wss_url, ssl=client_tls(ca)) as ws:
+    with connect(wss_url, ssl=pki.client_context()) as ws:
         ws.send(b"wss")
         assert ws.recv(DEADLINE) == b"wss"
     wait_until(lambda: log_file.read_text().count("client closed") >= 2, "both sessions logged")
@@ -519,13 +497,13 @@ def test_daemon_serves_once_the_parent_exits_and_stops_by_its_pid_file(
 def test_daemon_that_cannot_start_prints_the_error_and_exits_2(
     start_proxy: ProxyFactory,
     tmp_path: Path,
-    server_pem: Tuple[Path, trustme.CA],
+    pki: Pki,
     args: List[str],
     message: str,
 ) -> None:
     busy_pid_file = tmp_path / "busy.pid"
     busy_pid_file.write_text(f"{os.getpid()}\n")  # a process that is running: this one
-    args = [a.format(pem=server_pem[0], busy_pid_file=busy_pid_file) for a in args]
+    args = [a.format(pem=pki.server_pem, busy_pid_file=busy_pid_file) for a in args]
     listen, address = listen_args()
     proxy = start_proxy("-D", *args, listen, "127.0.0.1:1")
     assert proxy.wait_exit() == 2
@@ -587,13 +565,12 @@ def test_user_and_group_drop_privileges_after_loading_a_root_only_key(
     start_proxy: ProxyFactory,
     echo_server: TcpServer,
     tmp_path: Path,
-    server_pem: Tuple[Path, trustme.CA],
+    pki: Pki,
 ) -> None:
-    pem, ca = server_pem
     secret = tmp_path / "secret"
     secret.mkdir(mode=0o700)
     root_only = secret / "server.pem"
-    shutil.copy(pem, root_only)
+    shutil.copy(pki.server_pem, root_only)
     root_only.chmod(0o600)
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid)
@@ -606,7 +583,7 @@ def test_user_and_group_drop_privileges_after_loading_a_root_only_key(
     uids, gids, groups = ids_of(proxy.pid)
     assert uids == [nobody.pw_uid] * 4 and gids == [group.gr_gid] * 4, (uids, gids)
     assert 0 not in groups
-    with connect(f"wss://127.0.0.1:{address[1]}/", ssl=client_tls(ca)) as ws:
+    with connect(f"wss://127.0.0.1:{address[1]}/", ssl=pki.client_context()) as ws:
         ws.send(b"served by nobody")
         assert ws.recv(DEADLINE) == b"served by nobody"
     assert proxy.stop() == 0
@@ -650,34 +627,19 @@ def test_privilege_drop_that_cannot_happen_exits_2(
 
 
 @pytest.fixture(scope="module")
-def encrypted_key(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path, trustme.CA]:
+def encrypted_key(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Tuple[Path, Path]:
     """A certificate and its key encrypted with the password "s3cret pass"."""
-    from cryptography.hazmat.primitives import serialization
-
-    folder = tmp_path_factory.mktemp("encrypted")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
-    key_path = folder / "key.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"s3cret pass"),
-        )
-    )
-    cert_path = folder / "cert.pem"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    return cert_path, key_path, ca
+    return pki.encrypted_cert(tmp_path_factory.mktemp("encrypted"), b"s3cret pass", "127.0.0.1")
 
 
 def test_key_password_from_a_file_or_an_environment_variable(
     start_proxy: ProxyFactory,
     echo_server: TcpServer,
     tmp_path: Path,
-    encrypted_key: Tuple[Path, Path, trustme.CA],
+    encrypted_key: Tuple[Path, Path],
+    pki: Pki,
 ) -> None:
-    cert, key, ca = encrypted_key
+    cert, key = encrypted_key
     password_file = tmp_path / "password"
     password_file.write_text("s3cret pass\n")  # as `echo` writes it
     password_file.chmod(0o600)
@@ -687,7 +649,7 @@ def test_key_password_from_a_file_or_an_environment_variable(
     for source in sources:
         listen, address = listen_args()
         proxy = start_proxy(*common, *source, listen, echo_server.target, listen=address, env=env)
-        with connect(f"wss://127.0.0.1:{address[1]}/", ssl=client_tls(ca)) as ws:
+        with connect(f"wss://127.0.0.1:{address[1]}/", ssl=pki.client_context()) as ws:
             ws.send(b"unlocked")
             assert ws.recv(DEADLINE) == b"unlocked"
         assert "s3cret" not in Path(f"/proc/{proxy.pid}/cmdline").read_text()
@@ -711,11 +673,11 @@ def test_key_password_from_a_file_or_an_environment_variable(
 def test_key_password_sources_that_fail_exit_2(
     start_proxy: ProxyFactory,
     tmp_path: Path,
-    encrypted_key: Tuple[Path, Path, trustme.CA],
+    encrypted_key: Tuple[Path, Path],
     args: List[str],
     message: str,
 ) -> None:
-    cert, key, _ = encrypted_key
+    cert, key = encrypted_key
     wrong = tmp_path / "wrong"
     wrong.write_text("not the password")
     env = dict(os.environ, WRONG_PASSWORD="not the password")
