@@ -559,6 +559,25 @@ def client_frame(
     return head + mask + masked
 
 
+def upgrade_head(
+    path: str = "/websockify", headers: Sequence[str] = (), protocols: Sequence[str] = ()
+) -> str:
+    """The head of a WebSocket upgrade request with a fresh key, *headers* after the usual."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: localhost",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if protocols:
+        lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
+    lines += list(headers)
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
 class RawClient:
     """A WebSocket client over a plain socket, frame by frame."""
 
@@ -583,19 +602,7 @@ class RawClient:
     def handshake(
         self, path: str = "/websockify", headers: Sequence[str] = (), protocols: Sequence[str] = ()
     ) -> Tuple[int, str]:
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            "Host: localhost",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        if protocols:
-            lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
-        lines += list(headers)
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.sock.sendall(upgrade_head(path, headers, protocols).encode())
         return self.read_response()
 
     def read_response(self) -> Tuple[int, str]:

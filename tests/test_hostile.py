@@ -8,21 +8,19 @@ ClientHello in test_tls.py::test_stalled_tls_handshake_delays_no_one.
 """
 
 import base64
-import os
 import random
 import resource
 import socket
-import ssl
 import struct
 import time
 from pathlib import Path
 from typing import Callable, List, Tuple
 
 import pytest
-import trustme
 from conftest import (
     DEADLINE,
     Bystander,
+    Pki,
     Proxy,
     ProxyFactory,
     RawClient,
@@ -32,6 +30,7 @@ from conftest import (
     echo_handler,
     listen_args,
     rss_kib,
+    upgrade_head,
     wait_until,
 )
 
@@ -39,17 +38,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def upgrade_request(path: str = "/websockify", *headers: str) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: localhost",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *headers,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return upgrade_head(path, headers).encode("latin-1")  # header values may be any byte
 
 
 def answer_to(address: Tuple[str, int], request: bytes) -> int:
@@ -195,27 +184,11 @@ SPOOFED_CN_HEADERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Tuple[trustme.CA, Path, Path]:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server_pem, ca_pem = folder / "server.pem", folder / "ca.pem"
-    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
-        str(server_pem)
-    )
-    ca.cert_pem.write_to_path(str(ca_pem))
-    return ca, server_pem, ca_pem
-
-
 def test_a_client_cannot_fake_its_certificate_with_a_header(
-    start_proxy: ProxyFactory, echo_server: TcpServer, pki: Tuple[trustme.CA, Path, Path]
+    start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
 ) -> None:
-    ca, server_pem, ca_pem = pki
-
     def tls_client(address: Tuple[str, int], name: str, header: str = "") -> RawClient:
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
-        ca.issue_cert(f"{name}@example.test", common_name=name).configure_cert(context)
+        context = pki.client_context(pki.client_cert(name))
         raw = socket.create_connection(address, timeout=DEADLINE)
         client = RawClient(context.wrap_socket(raw, server_hostname="localhost"))
         client.sock.sendall(upgrade_request("/", header) if header else upgrade_request())
@@ -228,7 +201,7 @@ def test_a_client_cannot_fake_its_certificate_with_a_header(
 
     address, bystander, _ = start_with_bystander(
         start_proxy,
-        "--cert", str(server_pem), "--verify-client", "--cafile", str(ca_pem),
+        "--cert", str(pki.server_pem), "--verify-client", "--cafile", str(pki.ca_pem),
         "--auth-plugin", "ClientCertCNAuth", "--auth-source", "admin",
         echo_server.target,
         connect=admin,
