@@ -5,7 +5,7 @@ import signal
 import socket
 import struct
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
 import pytest
 from conftest import (
@@ -65,6 +65,16 @@ def open_sockets(pid: int) -> int:
     )
 
 
+def start_workers(
+    start_proxy: ProxyFactory, target: str, count: int, *options: str
+) -> Tuple[Proxy, Tuple[str, int], Set[int]]:
+    """A proxy to *target* with *count* workers and *options*, its address, and the workers'
+    pids once all of them run."""
+    listen, address = listen_args()
+    proxy = start_proxy("--workers", str(count), *options, listen, target, listen=address)
+    return proxy, address, wait_workers(proxy, count)
+
+
 def echo_through(clients: List[RawClient]) -> None:
     for index, client in enumerate(clients):
         payload = f"client {index}".encode()
@@ -76,9 +86,7 @@ def echo_through(clients: List[RawClient]) -> None:
 def test_two_workers_share_the_port_and_both_serve(
     start_proxy: ProxyFactory, echo_server: TcpServer
 ) -> None:
-    listen, address = listen_args()
-    proxy = start_proxy("--workers", "2", listen, echo_server.target, listen=address)
-    workers = wait_workers(proxy, 2)
+    proxy, address, workers = start_workers(start_proxy, echo_server.target, 2)
     idle: Dict[int, int] = {pid: open_sockets(pid) for pid in workers}
     clients = [RawClient.connect(address) for _ in range(24)]
     try:
@@ -96,9 +104,7 @@ def test_two_workers_share_the_port_and_both_serve(
 def test_a_killed_worker_is_replaced_and_service_continues(
     start_proxy: ProxyFactory, echo_server: TcpServer
 ) -> None:
-    listen, address = listen_args()
-    proxy = start_proxy("--workers", "2", listen, echo_server.target, listen=address)
-    workers = wait_workers(proxy, 2)
+    proxy, address, workers = start_workers(start_proxy, echo_server.target, 2)
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not alive(victim), "the killed worker to be reaped")
@@ -117,9 +123,7 @@ def test_a_killed_worker_is_replaced_and_service_continues(
 def test_sigterm_stops_every_worker_gracefully(
     start_proxy: ProxyFactory, echo_server: TcpServer
 ) -> None:
-    listen, address = listen_args()
-    proxy = start_proxy("--workers", "3", listen, echo_server.target, listen=address)
-    workers = wait_workers(proxy, 3)
+    proxy, address, workers = start_workers(start_proxy, echo_server.target, 3)
     clients = [RawClient.connect(address) for _ in range(6)]
     echo_through(clients)
     os.kill(proxy.pid, signal.SIGTERM)
@@ -197,12 +201,10 @@ def test_bad_worker_options_exit_2_with_one_line(
 def test_sighup_reaches_every_worker_and_stops_none(
     start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
 ) -> None:
-    listen, address = listen_args()
     log_file = tmp_path / "proxy.log"
-    proxy = start_proxy(
-        "--workers", "2", "--log-file", str(log_file), listen, echo_server.target, listen=address
+    proxy, address, workers = start_workers(
+        start_proxy, echo_server.target, 2, "--log-file", str(log_file)
     )
-    workers = wait_workers(proxy, 2)
     log_file.rename(tmp_path / "proxy.log.1")  # as logrotate does before signalling
     os.kill(proxy.pid, signal.SIGHUP)
 
