@@ -555,8 +555,9 @@ def client_frame(
         head = struct.pack("!BBQ", first, mask_bit | 127, size)
     if mask is None:
         return head + payload
-    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-    return head + mask + masked
+    key = (mask * (len(payload) // 4 + 1))[: len(payload)]  # XOR as big integers: fast
+    masked = int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")
+    return head + mask + masked.to_bytes(len(payload), "big")
 
 
 def upgrade_head(

@@ -35,8 +35,6 @@ from conftest import (
 )
 from websockets.sync.client import connect
 
-from websockify_min import unmask
-
 pytestmark = pytest.mark.timeout(180)
 
 RSS_BOUND_KIB = 60 * 1024  # the proxy's resident memory while a peer is held back
@@ -81,15 +79,7 @@ async def read_server_frame(reader: asyncio.StreamReader) -> Tuple[int, bytes]:
 
 
 def masked_frame(opcode: int, payload: bytes, rng: random.Random) -> bytes:
-    mask = rng.getrandbits(32).to_bytes(4, "big")
-    size = len(payload)
-    if size < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
-    elif size < 0x10000:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
-    return head + mask + bytes(unmask(payload, mask))  # XOR both ways
+    return client_frame(opcode, payload, mask=rng.getrandbits(32).to_bytes(4, "big"))
 
 
 async def target_side(
