@@ -703,7 +703,7 @@ def test_traffic_marks_follow_upstreams_legend(
 
     def slow_target(conn: socket.socket) -> None:
         conn.sendall(b"t" * burst)  # more than the proxy queues for a client that does not read
-        release.wait(DEADLINE)  # and reads nothing meanwhile
+        release.wait(6 * DEADLINE)  # and reads nothing meanwhile
         while conn.recv(1 << 20):
             pass
 
@@ -720,17 +720,21 @@ def test_traffic_marks_follow_upstreams_legend(
         return proxy.log().split(legend_end, 1)[1]
 
     client = RawClient.connect(address)
-    wait_until(lambda: "<." in marks(), "<.: the client reads nothing, part of a frame waits")
+    # Generous deadlines: on a loaded machine 4 MiB through the proxy can take a while.
+    slow = 3 * DEADLINE
+    wait_until(lambda: "<." in marks(), "<.: the client reads nothing, part of a frame waits", slow)
     frame = client_frame(0x2, b"0123456789")
     client.sock.sendall(frame[:9])  # a frame cut in the middle of its payload
-    wait_until(lambda: "}." in marks(), "}.: a partial frame from the client")
+    wait_until(lambda: "}." in marks(), "}.: a partial frame from the client", slow)
     client.sock.sendall(frame[9:])
-    wait_until(lambda: marks().count("}") > marks().count("}."), "}: a complete frame")
+    wait_until(lambda: marks().count("}") > marks().count("}."), "}: a complete frame", slow)
     # Unmasked by a zero key: a large frame built without a per-byte loop.
     big = struct.pack("!BBQ", 0x82, 0x80 | 127, upload) + b"\0\0\0\0" + b"c" * upload
     sender = threading.Thread(target=client.sock.sendall, args=(big,))
     sender.start()
-    wait_until(lambda: ">." in marks(), ">.: the target reads nothing, part of the data waits")
+    wait_until(
+        lambda: ">." in marks(), ">.: the target reads nothing, part of the data waits", slow
+    )
     release.set()
     assert client.recv_data(burst) == b"t" * burst
     sender.join(60)
