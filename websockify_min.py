@@ -151,6 +151,9 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024  # bytes in one WebSocket message; more g
 RECV_SIZE = 256 * 1024  # one read from a socket; from the target it becomes one frame
 HIGH_WATER = 256 * 1024  # queued bytes above which the other side stops being read
 LOW_WATER = 64 * 1024  # queued bytes below which it is read again
+# The target's data queues at most this much for a client (it is paused past HIGH_WATER, one
+# read late); more is pongs the client does not read, and only then is the client not read.
+CLIENT_QUEUE_LIMIT = HIGH_WATER + RECV_SIZE + 10
 MISSED_PONGS = 3  # with --heartbeat, a client silent for this many pings is dropped
 WORKER_THREADS = 8  # blocking calls (DNS, plugins) run in this many threads at most
 MAX_WORKERS = 256  # --workers: processes at most
@@ -3074,7 +3077,7 @@ class _Session:
 
     def _resume_client(self) -> None:
         client, target = self.client, self.target
-        if client.reading or client.closed or client.queued > HIGH_WATER:
+        if client.reading or client.closed or client.queued > CLIENT_QUEUE_LIMIT:
             return
         if target is None or target.queued <= HIGH_WATER:
             client.set_reading(True)
@@ -3411,7 +3414,7 @@ class _Session:
         target = self.target
         if (
             (target is not None and target.queued > HIGH_WATER)
-            or self.client.queued > HIGH_WATER  # pongs for a client that does not read
+            or self.client.queued > CLIENT_QUEUE_LIMIT  # pongs for a client that does not read
             or self._record_congested()
         ):
             self.client.set_reading(False)  # resumed by on_drain

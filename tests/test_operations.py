@@ -697,12 +697,19 @@ def test_key_password_sources_that_fail_exit_2(
 def test_traffic_marks_follow_upstreams_legend(
     start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
 ) -> None:
-    burst = 4 * 1024 * 1024
+    chunk = b"t" * 65536
     upload = 48 * 1024 * 1024  # more than the kernel buffers of a target that does not read
+    stop_sending = threading.Event()
     release = threading.Event()
+    sent = [0]
 
     def slow_target(conn: socket.socket) -> None:
-        conn.sendall(b"t" * burst)  # more than the proxy queues for a client that does not read
+        # However large the kernel's buffers grow, the target keeps sending to a client that
+        # does not read until the proxy has to queue part of a frame; then it ends with a marker.
+        while not stop_sending.is_set():
+            conn.sendall(chunk)
+            sent[0] += len(chunk)
+        conn.sendall(b"END")
         release.wait(6 * DEADLINE)  # and reads nothing meanwhile
         while conn.recv(1 << 20):
             pass
@@ -720,9 +727,10 @@ def test_traffic_marks_follow_upstreams_legend(
         return proxy.log().split(legend_end, 1)[1]
 
     client = RawClient.connect(address)
-    # Generous deadlines: on a loaded machine 4 MiB through the proxy can take a while.
+    # Generous deadlines: on a loaded machine megabytes through the proxy can take a while.
     slow = 3 * DEADLINE
     wait_until(lambda: "<." in marks(), "<.: the client reads nothing, part of a frame waits", slow)
+    stop_sending.set()
     frame = client_frame(0x2, b"0123456789")
     client.sock.sendall(frame[:9])  # a frame cut in the middle of its payload
     wait_until(lambda: "}." in marks(), "}.: a partial frame from the client", slow)
@@ -736,7 +744,10 @@ def test_traffic_marks_follow_upstreams_legend(
         lambda: ">." in marks(), ">.: the target reads nothing, part of the data waits", slow
     )
     release.set()
-    assert client.recv_data(burst) == b"t" * burst
+    received = bytearray()
+    while not received.endswith(b"END"):
+        received += client.recv_data(1)
+    assert received == chunk * (sent[0] // len(chunk)) + b"END"
     sender.join(60)
     assert not sender.is_alive(), "the upload never reached the target"
     assert set(re.findall(r"[{}<>]\.?", marks())) == {"}", "}.", "{", ">", ">.", "<", "<."}

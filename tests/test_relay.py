@@ -426,6 +426,50 @@ def test_backpressure_bounds_memory_when_the_target_stops_reading(
     assert rss_kib(proxy.pid) < 60 * 1024
 
 
+def test_a_client_that_reads_no_downloads_still_uploads(
+    start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
+) -> None:
+    """The directions are independent: a full download queue does not stop the upload."""
+    upload = os.urandom(8 * 1024 * 1024)
+    download_sent = [0]
+    received = hashlib.sha256()
+    received_size = [0]
+
+    def talkative(conn: socket.socket) -> None:
+        def send_forever() -> None:
+            try:
+                while True:
+                    conn.sendall(b"d" * 65536)
+                    download_sent[0] += 65536
+            except OSError:
+                pass  # the session ended
+
+        threading.Thread(target=send_forever, daemon=True).start()
+        while received_size[0] < len(upload):
+            data = conn.recv(1 << 20)
+            if not data:
+                return
+            received.update(data)
+            received_size[0] += len(data)
+
+    target = tcp_server(talkative)
+    listen, address = listen_args()
+    start_proxy(listen, target.target, listen=address)
+    client = RawClient.connect(address)
+
+    def download_stalled() -> bool:  # every buffer on the way to the client is full
+        before = download_sent[0]
+        time.sleep(0.5)
+        return before > 0 and download_sent[0] == before
+
+    wait_until(download_stalled, "the download to fill every buffer")
+    for start in range(0, len(upload), 65536):
+        client.sock.sendall(client_frame(0x2, upload[start : start + 65536]))
+    wait_until(lambda: received_size[0] >= len(upload), "the whole upload at the target")
+    assert received.digest() == hashlib.sha256(upload).digest()
+    client.close()
+
+
 def test_sigterm_closes_websockets_with_1001_and_exits_0(
     start_proxy: ProxyFactory, echo_server: TcpServer
 ) -> None:
