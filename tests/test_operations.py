@@ -698,8 +698,8 @@ def test_traffic_marks_follow_upstreams_legend(
     start_proxy: ProxyFactory, tcp_server: Callable[..., TcpServer]
 ) -> None:
     chunk = b"t" * 65536
-    upload = 48 * 1024 * 1024  # more than the kernel buffers of a target that does not read
     stop_sending = threading.Event()
+    stop_uploading = threading.Event()
     release = threading.Event()
     sent = [0]
 
@@ -736,13 +736,20 @@ def test_traffic_marks_follow_upstreams_legend(
     wait_until(lambda: "}." in marks(), "}.: a partial frame from the client", slow)
     client.sock.sendall(frame[9:])
     wait_until(lambda: marks().count("}") > marks().count("}."), "}: a complete frame", slow)
-    # Unmasked by a zero key: a large frame built without a per-byte loop.
-    big = struct.pack("!BBQ", 0x82, 0x80 | 127, upload) + b"\0\0\0\0" + b"c" * upload
-    sender = threading.Thread(target=client.sock.sendall, args=(big,))
+    # Masked by a zero key: large frames built without a per-byte loop. As with the download,
+    # the client keeps sending to a target that does not read until the proxy queues part.
+    upload_frame = struct.pack("!BBQ", 0x82, 0x80 | 127, 1 << 20) + b"\0\0\0\0" + b"c" * (1 << 20)
+
+    def upload() -> None:
+        while not stop_uploading.is_set():
+            client.sock.sendall(upload_frame)
+
+    sender = threading.Thread(target=upload)
     sender.start()
     wait_until(
         lambda: ">." in marks(), ">.: the target reads nothing, part of the data waits", slow
     )
+    stop_uploading.set()
     release.set()
     received = bytearray()
     while not received.endswith(b"END"):
