@@ -360,19 +360,21 @@ def one_connection(address: Address, ws: bool) -> None:
             sock.close()
 
 
-def connection_rate(address: Address, seconds: float, parallel: int) -> float:
+def connection_rate(address: Address, seconds: float, parallel: int, ws: bool = True) -> float:
     """Connections per second, *parallel* at a time, each as one_connection() does.
 
     One at a time, a blocking loop (one system call per step); more, one thread drives
     them all with a selector, as client threads would spend the CPU the proxy needs on
-    switching among themselves.
+    switching among themselves. With *ws* false the same exchange is plain TCP, no
+    handshake, and the client closes: straight to the target, the ceiling the client
+    and target set without any proxy between them.
     """
     done = 0
     stop_at = time.perf_counter() + seconds
     if parallel == 1:
         start = time.perf_counter()
         while time.perf_counter() < stop_at:
-            one_connection(address, True)
+            one_connection(address, ws)
             done += 1
         return done / (time.perf_counter() - start)
     sel = selectors.DefaultSelector()
@@ -391,8 +393,8 @@ def connection_rate(address: Address, seconds: float, parallel: int) -> float:
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise BenchError(f"connect: {os.strerror(error)}")
-            sock.send(HANDSHAKE)
-            conn.state = "upgrade"
+            sock.send(HANDSHAKE if ws else ECHO_REQUEST)
+            conn.state = "upgrade" if ws else "raw echo"
             sel.modify(sock, selectors.EVENT_READ, conn)
             return False
         data = sock.recv(4096)
@@ -400,6 +402,13 @@ def connection_rate(address: Address, seconds: float, parallel: int) -> float:
             if conn.state != "close":
                 raise BenchError(f"closed by the server in state {conn.state}")
             return True
+        if conn.state == "raw echo":
+            conn.head += data
+            if len(conn.head) < len(ECHO_PAYLOAD):
+                return False
+            if conn.head != ECHO_PAYLOAD:
+                raise BenchError("connection test: wrong echo")
+            return True  # the client closes
         if conn.state == "upgrade":
             conn.head += data
             if b"\r\n\r\n" not in conn.head:

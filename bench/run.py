@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -214,7 +214,7 @@ class Report:
         name: str,
         unit: str,
         better: str,
-        values: Dict[str, Optional[float]],
+        values: Mapping[str, Optional[float]],
         target: Optional[float] = None,
         samples: Optional[Dict[str, List[float]]] = None,
         note: str = "",
@@ -461,22 +461,28 @@ class Bench:
     def connection_rate(self) -> None:
         seconds = 0.7 if self.quick else 2.0
         procs = self.proxies(["ours", "upstream"])
+        # The same exchange in plain TCP straight to the target: what the benchmark's own
+        # client and target allow on this machine, the ceiling of any proxy's rate.
+        direct = ("127.0.0.1", self.targets.port)
         try:
             for parallel in (1, 16):
 
                 def measure(kind: str, verify: bool, parallel: int = parallel) -> float:
-                    return clients.connection_rate(
-                        procs[kind].address, 0.3 if verify else seconds, parallel
-                    )
+                    time = 0.3 if verify else seconds
+                    if kind == "no proxy":
+                        return clients.connection_rate(direct, time, parallel, ws=False)
+                    return clients.connection_rate(procs[kind].address, time, parallel)
 
-                samples = alternate(list(procs), self.rounds, measure)
+                samples = alternate([*procs, "no proxy"], self.rounds, measure)
                 values = {k: statistics.median(v) for k, v in samples.items()}
                 name = (
                     "connections, sequential"
                     if parallel == 1
                     else f"connections, {parallel} parallel"
                 )
-                self.report.add("5", name, "/s", "higher", values, 20.0, samples)
+                ceiling = values.pop("no proxy")
+                note = f"client and target alone, no proxy: {ceiling:,.0f}/s"
+                self.report.add("5", name, "/s", "higher", values, 20.0, samples, note=note)
         finally:
             for proxy in procs.values():
                 proxy.stop()
