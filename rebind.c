@@ -29,6 +29,14 @@
  * programs and those issuing raw system calls (Go) are not moved. Children
  * inherit the environment, so their binds of P are moved too.
  *
+ *     REBIND_PARENT_PID=N  the proxy's pid (Linux only; optional)
+ *
+ * makes the program the proxy started, the process whose parent is N, get
+ * SIGTERM should the proxy die without stopping it (SIGKILL, a crash), so it
+ * does not live on with nobody relaying to it. A program that
+ * exec()s keeps this; the processes it starts, and every process when the
+ * variable is missing or invalid, are left alone.
+ *
  * Build: cc -O2 -Wall -Wextra -Werror -fPIC -shared -o rebind.so rebind.c -ldl
  */
 
@@ -44,6 +52,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
+
+#ifdef __linux__
+#include <signal.h>
+#include <sys/prctl.h>
+#endif
 
 typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
 
@@ -65,21 +79,26 @@ union inet_addr {
 	struct sockaddr_in6 v6;
 };
 
-/* "1".."65535" -> the port; anything else (sign, space, junk, 0) -> 0. */
-static uint_least32_t parse_port(const char *text)
+/* "1".."max" -> the number; anything else (sign, space, junk, 0) -> 0. */
+static uint_least32_t parse_number(const char *text, uint_least32_t max)
 {
-	uint_least32_t port = 0;
+	uint_least32_t number = 0;
 
 	if (!text || !*text)
 		return 0;
 	for (; *text; text++) {
 		if (*text < '0' || *text > '9')
 			return 0;
-		port = port * 10 + (uint_least32_t)(*text - '0');
-		if (port > 65535) /* also stops overflow on long inputs */
+		number = number * 10 + (uint_least32_t)(*text - '0');
+		if (number > max) /* also stops overflow on long inputs */
 			return 0;
 	}
-	return port;
+	return number;
+}
+
+static uint_least32_t parse_port(const char *text)
+{
+	return parse_number(text, 65535);
 }
 
 static bind_fn setup(void)
@@ -95,12 +114,30 @@ static bind_fn setup(void)
 	return fn;
 }
 
+/* REBIND_PARENT_PID: the program started by that process dies with it. */
+static void die_with_parent(void)
+{
+#ifdef __linux__
+	/* Linux's pid_max is at most 2^22. */
+	pid_t parent = (pid_t)parse_number(getenv("REBIND_PARENT_PID"), 1u << 22);
+
+	if (!parent || getppid() != parent)
+		return;
+	if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0)
+		return;
+	/* The parent may have died before prctl(): then the program was adopted. */
+	if (getppid() != parent)
+		raise(SIGTERM);
+#endif
+}
+
 /* Resolve before main() so that threads normally only ever read. */
 __attribute__((constructor)) static void rebind_init(void)
 {
 	int saved_errno = errno;
 
 	setup();
+	die_with_parent();
 	errno = saved_errno;
 }
 

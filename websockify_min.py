@@ -3697,6 +3697,8 @@ class _WrappedProgram:
         self._waiter_thread = waiter_thread
         self._respawn_timer = None
         self._starts.append(time.monotonic())
+        # rebind.so sends the program SIGTERM if this process dies without stopping it.
+        self.env["REBIND_PARENT_PID"] = str(os.getpid())
         try:
             proc = subprocess.Popen(self.command, env=self.env)
         except OSError as exc:

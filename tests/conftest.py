@@ -701,6 +701,16 @@ def descriptor_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def process_exited(pid: int) -> bool:
+    """True once *pid* has exited: reaped, or a zombie its parent has not reaped yet (a
+    process that is not our child may be left to an init that is slow to reap, or never)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):  # the second: it went while being read
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 class Bystander:
     """A healthy WebSocket session echoing in a thread while a test attacks the proxy.
 

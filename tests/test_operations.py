@@ -31,6 +31,7 @@ from conftest import (
     echo_checksummed,
     free_port,
     listen_args,
+    process_exited,
     wait_until,
     ws_url,
 )
@@ -421,22 +422,13 @@ def test_syslog_that_cannot_work_is_a_startup_error(
 # -- daemon and pid file --------------------------------------------------------------------
 
 
-def process_gone(pid: int) -> bool:
-    """True once *pid* has exited (a daemon is not our child: init may leave it a zombie)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
-
-
 def kill_daemon(pid_file: Path) -> None:
     """Stop a daemon a failed test may have left running, by the pid in its pid file."""
     try:
         pid = int(pid_file.read_text())
     except (OSError, ValueError):
         return
-    if not process_gone(pid):
+    if not process_exited(pid):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -474,7 +466,7 @@ def test_daemon_serves_once_the_parent_exits_and_stops_by_its_pid_file(
             messages = [check_rfc5424(line, pid, facility=3) for line in lines]
             assert any("/daemon" in m for m in messages)
             os.kill(pid, signal.SIGTERM)
-            wait_until(lambda: process_gone(pid), "the daemon to exit")
+            wait_until(lambda: process_exited(pid), "the daemon to exit")
         finally:
             kill_daemon(pid_file)
     assert not pid_file.exists()
@@ -817,9 +809,9 @@ def test_daemon_wraps_a_program_when_started_by_a_relative_script_name(
         wait_until(answered, "the wrapped http.server to answer through the daemon")
         daemon = int(pid_file.read_text())
         os.kill(daemon, signal.SIGTERM)
-        wait_until(lambda: process_gone(daemon), "the daemon to exit")
-        wait_until(lambda: process_gone(program_pid), "the wrapped program to be stopped")
+        wait_until(lambda: process_exited(daemon), "the daemon to exit")
+        wait_until(lambda: process_exited(program_pid), "the wrapped program to be stopped")
     finally:
         kill_daemon(pid_file)
-        if program_pid and not process_gone(program_pid):
+        if program_pid and not process_exited(program_pid):
             os.kill(program_pid, signal.SIGKILL)

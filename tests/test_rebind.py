@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import pytest
-from conftest import HAVE_IPV6, needs_ipv6
+from conftest import HAVE_IPV6, needs_ipv6, process_exited
 
 STARTUP_DEADLINE = 10.0  # seconds a started program gets to bind and answer
 STOP_DEADLINE = 5.0  # seconds between SIGTERM and SIGKILL at teardown
@@ -503,3 +503,58 @@ def test_raw_socket_is_not_moved(rebind_so: Path, spawn: Spawn, tmp_path: Path) 
         pytest.skip("raw sockets need CAP_NET_RAW")
     sentinel = result["sentinel"]
     assert result["raw"] == {"rc": 0, "errno": sentinel, "unchanged": True, "name": "127.0.0.2"}
+
+
+# argv: pids file, REBIND_PARENT_PID's value ("{parent}": this process's pid). Starts a
+# child under the library (LD_PRELOAD from the environment, which this process does not
+# use itself); the child starts a grandchild and writes both pids; all three sleep.
+FAMILY = r"""
+import os, subprocess, sys, time
+
+CHILD = r'''
+import os, subprocess, sys, time
+
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(sys.argv[1], "w") as out:
+    out.write("%d %d" % (os.getpid(), grandchild.pid))
+time.sleep(120)
+'''
+pids_file, value = sys.argv[1], sys.argv[2]
+env = dict(os.environ, LD_PRELOAD=os.environ["FAMILY_PRELOAD"])
+env["REBIND_PARENT_PID"] = value.format(parent=os.getpid())
+subprocess.Popen([sys.executable, "-c", CHILD, pids_file], env=env)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize(
+    ("value", "child_follows"),
+    [("{parent}", True), ("1", False), ("", False), ("{parent}x", False), ("-{parent}", False)],
+)
+def test_parent_pid_makes_only_its_child_follow_the_parent(
+    rebind_so: Path, spawn: Spawn, tmp_path: Path, value: str, child_follows: bool
+) -> None:
+    script, pids_file = tmp_path / "family.py", tmp_path / "pids"
+    script.write_text(FAMILY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REBIND_")}
+    env["FAMILY_PRELOAD"] = str(rebind_so)
+    parent = spawn([sys.executable, str(script), str(pids_file), value], env)
+    deadline = time.monotonic() + STARTUP_DEADLINE
+    while not pids_file.exists() or len(pids_file.read_text().split()) < 2:
+        assert time.monotonic() < deadline, parent.describe()
+        time.sleep(POLL_INTERVAL)
+    child, grandchild = (int(pid) for pid in pids_file.read_text().split())
+    try:
+        os.kill(parent.proc.pid, signal.SIGKILL)
+        parent.proc.wait(STOP_DEADLINE)
+        # SIGTERM comes as the parent dies; a child that is not tied gets a second to show it.
+        deadline = time.monotonic() + (STOP_DEADLINE if child_follows else 1.0)
+        while not process_exited(child) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        assert process_exited(child) == child_follows
+        assert not process_exited(grandchild)  # the child's own children are never tied
+    finally:
+        for pid in (grandchild, child):
+            if not process_exited(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -16,6 +16,7 @@ from conftest import (
     TcpServer,
     free_port,
     listen_args,
+    process_exited,
     wait_until,
 )
 
@@ -36,14 +37,6 @@ def children_of(pid: int) -> Set[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.add(int(entry))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_workers(proxy: Proxy, count: int) -> Set[int]:
@@ -107,7 +100,7 @@ def test_a_killed_worker_is_replaced_and_service_continues(
     proxy, address, workers = start_workers(start_proxy, echo_server.target, 2)
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: not alive(victim), "the killed worker to be reaped")
+    wait_until(lambda: process_exited(victim), "the killed worker to be reaped")
     replaced = wait_workers(proxy, 2)
     assert victim not in replaced and len(replaced & workers) == 1
     proxy.wait_log(f"worker {victim} was killed by signal 9")
@@ -133,7 +126,7 @@ def test_sigterm_stops_every_worker_gracefully(
         client.close()
     assert proxy.wait_exit() == 0
     # Reaped by the supervisor, not orphaned and still running.
-    wait_until(lambda: not any(alive(pid) for pid in workers), "every worker to be gone")
+    wait_until(lambda: all(process_exited(pid) for pid in workers), "every worker to be gone")
     with pytest.raises(OSError):
         RawClient.connect(address)
 

@@ -24,6 +24,7 @@ from conftest import (
     ProxyFactory,
     free_port,
     needs_ipv6,
+    process_exited,
     run_captured,
     wait_until,
 )
@@ -102,14 +103,6 @@ def program_pids(proxy: Proxy) -> List[int]:
     ]
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def python_server(tmp_path: Path, name: str, source: str) -> Tuple[int, List[str]]:
     """A free port, and the command that runs *source* (saved as *name*) serving on it."""
     port = free_port()
@@ -143,7 +136,7 @@ def test_http_server_on_ipv4_any_is_reached_on_the_same_port(
     assert moved and int(moved.group(1)) != port
 
     assert proxy.stop() == 0
-    assert gone(pid), "the wrapped program outlived the proxy"
+    assert process_exited(pid), "the wrapped program outlived the proxy"
     assert f"the wrapped program (pid {pid}) was killed by SIGTERM" in proxy.log()
 
 
@@ -220,7 +213,7 @@ def test_respawn_mode_restarts_the_program(
     assert first.endswith(b"served by %d" % pids[0])
     assert second.endswith(b"served by %d" % pids[1])
     assert proxy.stop() == 0
-    assert all(gone(pid) for pid in pids)
+    assert all(process_exited(pid) for pid in pids)
 
 
 def test_respawn_is_throttled_to_three_starts_in_ten_seconds(
@@ -253,10 +246,29 @@ def test_program_that_ignores_sigterm_is_killed_when_the_proxy_stops(
     (pid,) = program_pids(proxy)
 
     assert proxy.stop() == 0
-    assert gone(pid)
+    assert process_exited(pid)
     log = proxy.log()
     assert "is still running 5s after SIGTERM: killing it" in log
     assert f"the wrapped program (pid {pid}) was killed by SIGKILL" in log
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_program_goes_when_the_proxy_is_killed(
+    start_proxy: ProxyFactory, rebind_so: Path, tmp_path: Path
+) -> None:
+    """SIGKILL gives the proxy no chance to stop the program: rebind.so has it follow."""
+    port, command = python_server(tmp_path, "forever.py", STUBBORN.replace("SIG_IGN", "SIG_DFL"))
+    # Through a shell that execs the server, as wrapper scripts do: the tie survives exec.
+    proxy = start_wrapped(start_proxy, port, ["sh", "-c", 'exec "$@"', "sh", *command])
+    assert http_get(port).endswith(b"stubborn")
+    (pid,) = program_pids(proxy)
+    os.kill(proxy.pid, signal.SIGKILL)
+    proxy.wait_exit()
+    try:
+        wait_until(lambda: process_exited(pid), "the program to exit after the proxy was killed")
+    finally:
+        if not process_exited(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def run_proxy(args: List[str], script: Path = PROXY_RUN) -> "subprocess.CompletedProcess[str]":
@@ -330,6 +342,6 @@ def test_embedded_server_supervises_the_program_from_a_thread(
 
         wait_until(lambda: not serving(), "the server to stop")
         assert server.exit_status == 128 + signal.SIGTERM
-        assert gone(pid)
+        assert process_exited(pid)
     finally:
         server.stop()
