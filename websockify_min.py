@@ -145,6 +145,7 @@ MAX_HEAD_BYTES = 16 * 1024  # a request head larger than this gets 431 (h11's de
 MAX_HEADERS = 100  # header lines per request, as http.client allows
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to a complete WebSocket upgrade request
 CONNECT_TIMEOUT = 10.0  # seconds to resolve and reach the target, all addresses together
+WEB_TIMEOUT = 60.0  # seconds a --web client may take nothing of a response before it is dropped
 LOOKUP_TIMEOUT = 10.0  # seconds for token and auth plugins and DNS; then the client gets 504
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's half of a closing handshake
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024  # bytes in one WebSocket message; more gets 1009
@@ -2977,15 +2978,21 @@ class _Session:
 
         A peer still taking the data queued for it is slow, not gone: cutting it off at a
         fixed time would lose what it was about to receive."""
-        unsent = self._unsent()
+        self._set_progress_deadline(CLOSE_TIMEOUT, self._unsent, self.abort)
+
+    def _set_progress_deadline(
+        self, seconds: float, left: Callable[[], int], on_stall: Callable[[], None]
+    ) -> None:
+        """Call *on_stall* once *left()* (bytes still to deliver) has not fallen for *seconds*."""
+        before = left()
 
         def expire() -> None:
-            if self._unsent() < unsent:
-                self._set_close_deadline()
+            if left() < before:
+                self._set_progress_deadline(seconds, left, on_stall)
             else:
-                self.abort()
+                on_stall()
 
-        self._set_deadline(CLOSE_TIMEOUT, expire)
+        self._set_deadline(seconds, expire)
 
     def _unsent(self) -> int:
         target = self.target
@@ -3292,9 +3299,6 @@ class _Session:
         if error is not None:
             raise error
         assert result is not None and self.request is not None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         request = self.request
         size = result.length or len(result.body)
         _log.info(
@@ -3303,7 +3307,21 @@ class _Session:
         self._web_started = True
         self.client.write(result.head + result.body if result.body else result.head)
         self._web_file, self._web_left = result.file, result.length
+        # Replaced by the next request's or the close's deadline when the response ends.
+        self._set_progress_deadline(
+            self.server.options.web_timeout,
+            lambda: self._web_left + self.client.unsent(),
+            self._on_web_stall,
+        )
         self._send_web_file()
+
+    def _on_web_stall(self) -> None:
+        _log.info(
+            "%s: took nothing of the response for %gs (--web-timeout), closing",
+            self.peer,
+            self.server.options.web_timeout,
+        )
+        self.abort()
 
     def _send_web_file(self) -> None:
         """Send the file in chunks while the client's queue has room; resumed by on_drain.
@@ -4683,6 +4701,7 @@ class Options(NamedTuple):
     max_message_size: int = DEFAULT_MAX_MESSAGE
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
+    web_timeout: float = WEB_TIMEOUT
     allow_origin: Tuple[str, ...] = ()
     trusted_proxy: Tuple[str, ...] = ()
     pid_file: Optional[str] = None
@@ -4867,6 +4886,13 @@ def _build_parser() -> _Parser:
         default=CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="time to reach the target, all its addresses together (default 10)",
+    )
+    add(
+        "--web-timeout",
+        type=_positive_number,
+        default=WEB_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a --web client that takes nothing of a response for this long (default 60)",
     )
     add("--pid-file", metavar="FILE", help="write the process id to FILE; removed at exit")
     add("--user", metavar="NAME", help="run as this user once listening (start as root)")

@@ -181,6 +181,30 @@ def test_a_file_over_50_mib_while_a_websocket_keeps_flowing(
         _download_beside_a_websocket(ws, download, size, expected, proxy.pid, rss_before)
 
 
+def test_web_timeout_drops_a_client_that_stops_reading_but_not_a_slow_one(
+    start_proxy: ProxyFactory, echo_server: TcpServer, site: Site
+) -> None:
+    write_sparse(site.root / "big.iso", 32 * MiB)
+    proxy, address = start_web(start_proxy, site, echo_server.target, "--web-timeout", "1")
+    stalled, slow = (socket.create_connection(address, timeout=DEADLINE) for _ in range(2))
+    with stalled, slow:
+        for sock in (stalled, slow):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(b"GET /big.iso HTTP/1.1\r\nHost: x\r\n\r\n")
+        # The slow client takes 64 KiB every 0.4 s for 4 s, four times the timeout.
+        taken = 0
+        for _ in range(10):
+            time.sleep(0.4)
+            taken += len(slow.recv(64 * 1024))
+        proxy.wait_log("took nothing of the response for 1s (--web-timeout), closing")
+        assert proxy.log().count("--web-timeout") == 1, "only the client that stopped reading"
+        assert RawClient(stalled).at_eof(), "the stalled download was not closed"
+        assert len(slow.recv(64 * 1024)) > 0 and taken > 10 * 4096
+    with connect(ws_url(address)) as ws:  # everyone else carries on
+        ws.send(b"still here")
+        assert ws.recv(DEADLINE) == b"still here"
+
+
 def _download_beside_a_websocket(
     ws: ClientConnection,
     download: socket.socket,
