@@ -5008,6 +5008,7 @@ def parse_args(argv: Sequence[str]) -> Options:
 
 SYSLOG_APP_NAME = "WebSockify"  # upstream's ident, so existing syslog filters keep matching
 SYSLOG_MAX_BYTES = 16 * 1024  # one datagram; a longer line (a traceback) is cut
+SYSLOG_STREAM_BACKLOG = 64 * 1024  # stream /dev/log: bytes waiting for a busy daemon at most
 _FACILITY_USER, _FACILITY_DAEMON = 1, 3  # RFC 5424 section 6.2.1
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -5029,12 +5030,17 @@ def _is_udp_syslog(server: str) -> bool:
 
 
 class _SyslogHandler(logging.Handler):
-    """Log records as syslog datagrams: RFC 5424 lines, or RFC 3164 (BSD) with *legacy*.
+    """Log records to syslog: RFC 5424 lines, or RFC 3164 (BSD) with *legacy*.
 
     The stdlib's SysLogHandler writes neither format in full and may block. Here each
     record is one non-blocking send over UDP or a unix datagram socket (such as
     /dev/log); when the receiver is full or gone the line is dropped, never waited for,
     and the number dropped is reported with the next line that gets through.
+
+    A unix stream socket (syslog-ng's ``unix-stream``) gets NUL-terminated lines, as
+    glibc's syslog() sends them. What the daemon cannot take at once waits, up to
+    SYSLOG_STREAM_BACKLOG bytes, and goes out before the next line; past that, lines
+    are dropped. A connection the daemon closed is made again for the next line.
     """
 
     def __init__(self, server: str, facility: int, legacy: bool) -> None:
@@ -5044,6 +5050,9 @@ class _SyslogHandler(logging.Handler):
         self.dropped = 0
         self.hostname = "".join(socket.gethostname().split()) or "-"
         self.address: Any = server
+        self.stream = False
+        self.unsent = bytearray()  # stream: the lines, or their tails, the daemon has not taken
+        self.sock: Optional[socket.socket] = None
         if _is_udp_syslog(server):
             host, port = _split_address(server, "--syslog")
             try:
@@ -5058,12 +5067,21 @@ class _SyslogHandler(logging.Handler):
             try:
                 probe.connect(server)
             except OSError as exc:
-                reason = "not a datagram socket" if exc.errno == errno.EPROTOTYPE else None
-                raise ConfigError(
-                    f"--syslog: cannot send to {server}: {reason or _strerror(exc)}"
-                ) from None
+                if exc.errno != errno.EPROTOTYPE:
+                    raise ConfigError(
+                        f"--syslog: cannot send to {server}: {_strerror(exc)}"
+                    ) from None
+                self.stream = True  # a stream socket
             finally:
                 probe.close()
+            if self.stream:
+                try:
+                    self._connect_stream()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"--syslog: cannot connect to {server}: {_strerror(exc)}"
+                    ) from None
+                return
             # Unconnected: each line is sent to the path, so a restarted syslog is found again.
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
@@ -5096,6 +5114,9 @@ class _SyslogHandler(logging.Handler):
             self._send(self.line(warning, f"syslog: {dropped} earlier lines were dropped"))
 
     def _send(self, datagram: bytes) -> bool:
+        if self.stream:
+            return self._send_stream(datagram + b"\0")
+        assert self.sock is not None
         try:
             self.sock.sendto(datagram, self.address)
         except OSError:  # full (EAGAIN), gone, restarting: drop the line, never wait
@@ -5103,8 +5124,49 @@ class _SyslogHandler(logging.Handler):
             return False
         return True
 
+    def _send_stream(self, line: bytes) -> bool:
+        """Queue *line* behind what is still unsent, and send what the daemon takes now."""
+        if self.sock is None:
+            try:
+                self._connect_stream()
+            except OSError:  # not back yet
+                self.dropped += 1
+                return False
+        if len(self.unsent) + len(line) > SYSLOG_STREAM_BACKLOG:
+            self.dropped += 1
+            self._flush_stream()
+            return False
+        self.unsent += line
+        return self._flush_stream()
+
+    def _flush_stream(self) -> bool:
+        assert self.sock is not None
+        try:
+            sent = self.sock.send(self.unsent)
+        except BlockingIOError:
+            return True  # the daemon is busy: the next line tries again
+        except OSError:  # the daemon closed the connection: what it had not taken is lost
+            self.dropped += self.unsent.count(b"\0")
+            self.unsent.clear()
+            self.sock.close()
+            self.sock = None
+            return False
+        del self.unsent[:sent]
+        return True
+
+    def _connect_stream(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.address)  # at once for a unix socket, or EAGAIN when it is full
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
         super().close()
 
 

@@ -406,6 +406,62 @@ def test_syslog_over_a_unix_socket_in_the_legacy_format_drops_rather_than_blocks
     assert proxy.stop() == 0
 
 
+def receive_stream_lines(conn: socket.socket, until: str) -> List[str]:
+    """NUL-terminated lines from a stream connection, up to and including one with *until*."""
+    conn.settimeout(DEADLINE)
+    data = b""
+    while until.encode() not in data:
+        more = conn.recv(65536)
+        assert more, "the proxy closed its syslog connection"
+        data += more
+    while not data.endswith(b"\0"):
+        data += conn.recv(65536)
+    return [line.decode() for line in data.split(b"\0")[:-1]]
+
+
+def test_syslog_over_a_unix_stream_socket_and_a_restarted_daemon(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    """syslog-ng's unix-stream("/dev/log"): NUL-terminated lines, as glibc sends them."""
+    path = str(tmp_path / "log.sock")
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    daemon.bind(path)
+    daemon.listen(4)
+    daemon.settimeout(DEADLINE)
+    listen, address = listen_args()
+    proxy = start_proxy("--syslog", path, listen, echo_server.target, listen=address)
+    conn, _ = daemon.accept()
+    with connect(ws_url(address, "/over-a-stream")) as ws:
+        ws.send(b"hello")
+        assert ws.recv(DEADLINE) == b"hello"
+    lines = receive_stream_lines(conn, "client closed")
+    messages = [check_rfc5424(line, proxy.pid, facility=1) for line in lines]
+    assert any(m.startswith("listening on 127.0.0.1:") for m in messages)
+    assert any("/over-a-stream" in m for m in messages)
+
+    # The daemon restarts: its connection and socket go, and lines meanwhile are lost.
+    conn.close()
+    daemon.close()
+    os.unlink(path)
+    with connect(ws_url(address, "/while-gone")) as ws:
+        ws.send(b"y")
+        assert ws.recv(DEADLINE) == b"y"
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    daemon.bind(path)
+    daemon.listen(4)
+    daemon.settimeout(DEADLINE)
+    with daemon, connect(ws_url(address, "/back")) as ws:
+        ws.send(b"z")
+        assert ws.recv(DEADLINE) == b"z"
+        conn, _ = daemon.accept()
+        with conn:
+            lines = receive_stream_lines(conn, "/back")
+    notes = [check_rfc5424(line, proxy.pid, facility=1) for line in lines]
+    assert any(re.search(r"syslog: \d+ earlier lines were dropped", n) for n in notes)
+    assert not any("/while-gone" in n for n in notes)
+    assert proxy.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("syslog", "message"),
     [("/nonexistent/log.sock", "--syslog: cannot send to"), ("host:port", "--syslog port")],
