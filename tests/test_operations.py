@@ -424,10 +424,15 @@ def test_syslog_over_a_unix_stream_socket_and_a_restarted_daemon(
 ) -> None:
     """syslog-ng's unix-stream("/dev/log"): NUL-terminated lines, as glibc sends them."""
     path = str(tmp_path / "log.sock")
-    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    daemon.bind(path)
-    daemon.listen(4)
-    daemon.settimeout(DEADLINE)
+
+    def stream_daemon() -> socket.socket:
+        daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        daemon.bind(path)
+        daemon.listen(4)
+        daemon.settimeout(DEADLINE)
+        return daemon
+
+    daemon = stream_daemon()
     listen, address = listen_args()
     proxy = start_proxy("--syslog", path, listen, echo_server.target, listen=address)
     conn, _ = daemon.accept()
@@ -446,10 +451,7 @@ def test_syslog_over_a_unix_stream_socket_and_a_restarted_daemon(
     with connect(ws_url(address, "/while-gone")) as ws:
         ws.send(b"y")
         assert ws.recv(DEADLINE) == b"y"
-    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    daemon.bind(path)
-    daemon.listen(4)
-    daemon.settimeout(DEADLINE)
+    daemon = stream_daemon()
     with daemon, connect(ws_url(address, "/back")) as ws:
         ws.send(b"z")
         assert ws.recv(DEADLINE) == b"z"
