@@ -5166,7 +5166,10 @@ class _SyslogHandler(logging.Handler):
 
     def close(self) -> None:
         if self.sock is not None:
-            self.sock.close()
+            if self.unsent:
+                self._flush_stream()  # a last try, still without waiting
+            if self.sock is not None:
+                self.sock.close()
         super().close()
 
 
