@@ -468,10 +468,10 @@ class Bench:
             for parallel in (1, 16):
 
                 def measure(kind: str, verify: bool, parallel: int = parallel) -> float:
-                    time = 0.3 if verify else seconds
+                    duration = 0.3 if verify else seconds
                     if kind == "no proxy":
-                        return clients.connection_rate(direct, time, parallel, ws=False)
-                    return clients.connection_rate(procs[kind].address, time, parallel)
+                        return clients.connection_rate(direct, duration, parallel, ws=False)
+                    return clients.connection_rate(procs[kind].address, duration, parallel)
 
                 samples = alternate([*procs, "no proxy"], self.rounds, measure)
                 values = {k: statistics.median(v) for k, v in samples.items()}

@@ -437,8 +437,7 @@ def test_syslog_over_a_unix_stream_socket_and_a_restarted_daemon(
     proxy = start_proxy("--syslog", path, listen, echo_server.target, listen=address)
     conn, _ = daemon.accept()
     with connect(ws_url(address, "/over-a-stream")) as ws:
-        ws.send(b"hello")
-        assert ws.recv(DEADLINE) == b"hello"
+        assert_echoed(ws, b"hello")
     lines = receive_stream_lines(conn, "client closed")
     messages = [check_rfc5424(line, proxy.pid, facility=1) for line in lines]
     assert any(m.startswith("listening on 127.0.0.1:") for m in messages)
@@ -449,12 +448,10 @@ def test_syslog_over_a_unix_stream_socket_and_a_restarted_daemon(
     daemon.close()
     os.unlink(path)
     with connect(ws_url(address, "/while-gone")) as ws:
-        ws.send(b"y")
-        assert ws.recv(DEADLINE) == b"y"
+        assert_echoed(ws, b"y")
     daemon = stream_daemon()
     with daemon, connect(ws_url(address, "/back")) as ws:
-        ws.send(b"z")
-        assert ws.recv(DEADLINE) == b"z"
+        assert_echoed(ws, b"z")
         conn, _ = daemon.accept()
         with conn:
             lines = receive_stream_lines(conn, "/back")

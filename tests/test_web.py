@@ -20,6 +20,7 @@ from conftest import (
     ProxyFactory,
     RawClient,
     TcpServer,
+    assert_echoed,
     basic_auth,
     echo_checksummed,
     env_with_module,
@@ -201,8 +202,7 @@ def test_web_timeout_drops_a_client_that_stops_reading_but_not_a_slow_one(
         assert RawClient(stalled).at_eof(), "the stalled download was not closed"
         assert len(slow.recv(64 * 1024)) > 0 and taken > 10 * 4096
     with connect(ws_url(address)) as ws:  # everyone else carries on
-        ws.send(b"still here")
-        assert ws.recv(DEADLINE) == b"still here"
+        assert_echoed(ws, b"still here")
 
 
 def _download_beside_a_websocket(
