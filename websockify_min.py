@@ -4863,7 +4863,7 @@ def _build_parser() -> _Parser:
     add("--host-token", action="store_true", help="take the token from the Host header")
     add("--auth-plugin", metavar="CLASS", help="auth plugin: a short name or module.Class")
     add("--auth-source", metavar="ARG", help="argument for the auth plugin")
-    add("--log-file", metavar="FILE", help="also _log to FILE")
+    add("--log-file", metavar="FILE", help="also log to FILE")
     add("--syslog", metavar="SERVER", help="log to syslog: a socket path or host:port (UDP)")
     add("--legacy-syslog", action="store_true", help="BSD syslog format instead of RFC 5424")
     add(
