@@ -4980,7 +4980,6 @@ def parse_args(argv: Sequence[str]) -> Options:
         (ns.web_auth and not ns.web, "--web-auth requires --web"),
         (ns.legacy_syslog and not ns.syslog, "--legacy-syslog requires --syslog"),
         (ns.ssl_target_cafile and not ns.ssl_target, "--ssl-target-cafile requires --ssl-target"),
-        (ns.cafile and not ns.verify_client, "--cafile requires --verify-client"),
         (ns.rebind and not wrap_cmd, "--rebind requires a command to wrap: PORT -- COMMAND"),
         (wrap_cmd and ns.unix_target, "--unix-target and '-- COMMAND' cannot be combined"),
         (
@@ -5394,6 +5393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _configure_logging(options)  # before forking: the daemon keeps the log file open
         if options.libserver:
             _log.info("--libserver is accepted for compatibility and has no effect")
+        if options.cafile and not options.verify_client:  # upstream accepts it too
+            _log.warning("--cafile has no effect without --verify-client")
         if options.daemon:
             ready_pipe = _daemonize()
         server = Server(options)

@@ -97,6 +97,21 @@ def test_verify_client_accepts_good_certificates_only(
     proxy.wait_log("TLS handshake failed")
 
 
+def test_cafile_without_verify_client_is_a_warning_as_upstream_accepts_it(
+    start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki
+) -> None:
+    listen, address = listen_args()
+    proxy = start_proxy(
+        "--cert", str(pki.server_pem), "--cafile", str(pki.ca_pem),
+        listen, echo_server.target, listen=address,
+    )  # fmt: skip
+    proxy.wait_log("--cafile has no effect without --verify-client")
+    # No client certificate is asked for: a client without one gets through.
+    with connect(f"wss://localhost:{address[1]}/", ssl=pki.client_context()) as ws:
+        ws.send(b"no certificate needed")
+        assert ws.recv(DEADLINE) == b"no certificate needed"
+
+
 @pytest.mark.smoke
 def test_minimum_tls_version(start_proxy: ProxyFactory, echo_server: TcpServer, pki: Pki) -> None:
     listen, address = listen_args()
