@@ -4924,6 +4924,28 @@ def _split_address(text: str, what: str) -> Tuple[str, int]:
     return host, port
 
 
+# Upstream's long options. Its optparse takes any unambiguous start of one (--traf);
+# our extra options must not make such a start ambiguous (--tr: --traffic or --trusted-proxy).
+_UPSTREAM_LONG_OPTIONS = (
+    "--help", "--verbose", "--traffic", "--record", "--daemon", "--run-once", "--timeout",
+    "--idle-timeout", "--cert", "--key", "--key-password", "--ssl-only", "--ssl-target",
+    "--verify-client", "--cafile", "--ssl-version", "--ssl-ciphers", "--unix-listen",
+    "--unix-listen-mode", "--unix-target", "--inetd", "--web", "--web-auth", "--file-only",
+    "--wrap-mode", "--prefer-ipv6", "--libserver", "--target-config", "--token-plugin",
+    "--token-source", "--host-token", "--auth-plugin", "--auth-source", "--heartbeat",
+    "--log-file", "--syslog", "--legacy-syslog",
+)  # fmt: skip
+
+
+def _spell_out_upstream_prefix(arg: str) -> str:
+    """*arg* with a start of one upstream long option written out in full."""
+    name, equals, value = arg.partition("=")
+    if not name.startswith("--") or name in _UPSTREAM_LONG_OPTIONS:
+        return arg
+    matches = [option for option in _UPSTREAM_LONG_OPTIONS if option.startswith(name)]
+    return matches[0] + equals + value if len(matches) == 1 else arg
+
+
 def parse_args(argv: Sequence[str]) -> Options:
     """Options from a command line (without the program name); raises ConfigError."""
     argv = list(argv)
@@ -4935,7 +4957,7 @@ def parse_args(argv: Sequence[str]) -> Options:
             raise ConfigError("'--' must be followed by the command to wrap")
     # Options may come between the addresses, as upstream's optparse allows: argparse
     # leaves positionals after an option unparsed (parse_intermixed_args is 3.7+).
-    ns, rest = _build_parser().parse_known_args(argv)
+    ns, rest = _build_parser().parse_known_args([_spell_out_upstream_prefix(a) for a in argv])
     unknown = [arg for arg in rest if arg.startswith("-")]
     if unknown:
         raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}")

@@ -65,6 +65,29 @@ def test_options_may_come_between_the_addresses(argv: List[str]) -> None:
     assert options.verbose
 
 
+@pytest.mark.parametrize(
+    ("start", "field", "value"),
+    [
+        (["--tr"], "traffic", True),  # not --trusted-proxy, which upstream lacks
+        (["--re", "rec"], "record", "rec"),  # not --rebind
+        (["--ssl-targ"], "ssl_target", True),  # not --ssl-target-cafile
+        (["--key-pass=pw"], "key_password", "pw"),  # not --key-password-file or -env
+        (["--trusted", "10.0.0.1"], "trusted_proxy", ("10.0.0.1/32",)),  # ours still work
+        (["--work", "2"], "workers", 2),
+    ],
+)
+def test_a_start_of_an_upstream_option_means_that_option(
+    start: List[str], field: str, value: object
+) -> None:
+    options = websockify_min.parse_args([*start, "6080", "localhost:5900"])
+    assert getattr(options, field) == value
+
+
+def test_a_start_shared_by_upstream_options_is_still_ambiguous() -> None:
+    with pytest.raises(websockify_min.ConfigError, match="ambiguous option: --ke"):
+        websockify_min.parse_args(["--ke", "x", "6080", "localhost:5900"])
+
+
 def test_unknown_options_between_the_addresses_are_errors() -> None:
     with pytest.raises(websockify_min.ConfigError, match="unrecognized arguments: --bogus"):
         websockify_min.parse_args(["6080", "--bogus", "localhost:5900"])
