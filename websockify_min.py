@@ -975,11 +975,74 @@ def _source_text(src: Optional[str], flag: str, what: str) -> str:
 
 
 def _source_directory(src: Optional[str], what: str) -> str:
-    """The real path of the directory named by --token-source; ConfigError if it is not one."""
-    path = os.path.realpath(_source_text(src, "--token-source", what))
-    if not os.path.isdir(path):
+    """The absolute path of the directory named by --token-source.
+
+    It may not exist yet (see _SourceState); ConfigError if it is something else."""
+    # Absolute, so that daemonizing (which changes directory) changes nothing.
+    path = os.path.abspath(_source_text(src, "--token-source", what))
+    if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--token-source {src!r} is not a directory")
     return path
+
+
+def _file_version(path: str) -> Tuple[int, int, int, int]:
+    """What changes when the file at *path* is rewritten or replaced; raises OSError."""
+    info = os.stat(path)
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+class _SourceState:
+    """Whether a token source can be used, logged once per change, not once per lookup.
+
+    Upstream reads its sources at lookup time, so a proxy may start before its
+    token file, directory or key exists (at boot, before whatever writes them).
+    Lookups find no token meanwhile, and find them once the source is there."""
+
+    def __init__(self, plugin: str, path: str) -> None:
+        self._plugin, self._path = plugin, path
+        self._lock = threading.Lock()
+        self._problem: Optional[str] = None
+        self._was_usable = False
+
+    def usable(self) -> None:
+        if self._problem is None and self._was_usable:  # every lookup: no lock needed
+            return
+        with self._lock:
+            if self._problem is not None:
+                _log.info("%s: %s is usable now", self._plugin, self._path)
+            self._problem, self._was_usable = None, True
+
+    def missing(self) -> None:
+        if self._was_usable:
+            self._change("missing", "no longer exists; lookups find no token until it is back")
+        else:
+            self._change("missing", "does not exist yet; lookups find no token until it does")
+
+    def unusable(self, why: str) -> None:
+        """*why*: one line, different for each different problem (each is logged once)."""
+        self._change(why, f"is unusable, lookups find no token until it is fixed: {why}")
+
+    def _change(self, problem: str, message: str) -> None:
+        with self._lock:
+            if problem != self._problem:
+                self._problem = problem
+                _log.warning("%s: %s %s", self._plugin, self._path, message)
+
+
+def _current_directory(path: str, state: _SourceState) -> Optional[str]:
+    """The real path of the source directory *path* now, or None while it is not one.
+
+    Resolved at each lookup, not once at startup: the directory may appear,
+    or its path be pointed elsewhere, while the proxy runs."""
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        state.usable()
+        return real
+    if os.path.exists(real):
+        state.unusable("not a directory")
+    else:
+        state.missing()
+    return None
 
 
 def _is_plain_file_name(name: str) -> bool:
@@ -1030,17 +1093,18 @@ class ReadOnlyTokenFile(BaseTokenPlugin):
 
     In a directory, hidden files and editor backups (``name~``) are skipped
     and files are read in name order, so a later file wins a duplicate token.
-    Malformed lines are logged and skipped."""
+    Malformed lines are logged and skipped. A source that does not exist yet
+    is read at the first lookup that finds it."""
 
     def __init__(self, src: Optional[str]) -> None:
         super().__init__(src)
         what = "a token file or a directory of token files"
         # Absolute, so that daemonizing (which changes directory) changes nothing.
         self._path = os.path.abspath(_source_text(src, "--token-source", what))
-        if not os.path.exists(self._path):
-            raise ConfigError(f"--token-source {src!r} does not exist")
+        self._state = _SourceState(type(self).__name__, self._path)
         self._reported: Set[str] = set()
         self._report_lock = threading.Lock()
+        self._first_read_lock = threading.Lock()
         self._targets = self._read_targets()
 
     def _token_files(self) -> List[str]:
@@ -1050,7 +1114,17 @@ class ReadOnlyTokenFile(BaseTokenPlugin):
         paths = [os.path.join(self._path, n) for n in names if n[0] != "." and n[-1] != "~"]
         return [path for path in paths if os.path.isfile(path)]
 
-    def _read_targets(self) -> Dict[str, Target]:
+    def _read_targets(self) -> Optional[Dict[str, Target]]:
+        """The tokens in the source now; None while it does not exist."""
+        try:
+            targets = self._read_token_files()
+        except (FileNotFoundError, NotADirectoryError):
+            self._state.missing()
+            return None
+        self._state.usable()
+        return targets
+
+    def _read_token_files(self) -> Dict[str, Target]:
         targets: Dict[str, Target] = {}
         for path in self._token_files():
             skipped = []
@@ -1080,7 +1154,11 @@ class ReadOnlyTokenFile(BaseTokenPlugin):
             _log.warning("%s: skipped %s", type(self).__name__, message)
 
     def _current_targets(self) -> Dict[str, Target]:
-        return self._targets
+        if self._targets is None:  # not there at startup: read it once it is
+            with self._first_read_lock:
+                if self._targets is None:
+                    self._targets = self._read_targets()
+        return self._targets or {}
 
     def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
         target = self._current_targets().get(token)
@@ -1091,7 +1169,7 @@ class TokenFile(ReadOnlyTokenFile):
     """Like ReadOnlyTokenFile, but re-read on every lookup, so edits apply at once."""
 
     def _current_targets(self) -> Dict[str, Target]:
-        return self._read_targets()
+        return self._read_targets() or {}
 
 
 class TokenFileName(BaseTokenPlugin):
@@ -1099,10 +1177,15 @@ class TokenFileName(BaseTokenPlugin):
 
     def __init__(self, src: Optional[str]) -> None:
         super().__init__(src)
-        self._directory = _source_directory(src, "a directory of token files")
+        self._path = _source_directory(src, "a directory of token files")
+        self._state = _SourceState(type(self).__name__, self._path)
+        _current_directory(self._path, self._state)  # says at startup if it is missing
 
     def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
-        path = _path_in_directory(self._directory, token, "TokenFileName")
+        directory = _current_directory(self._path, self._state)
+        if directory is None:
+            return None
+        path = _path_in_directory(directory, token, "TokenFileName")
         try:
             # O_NONBLOCK: opening a FIFO someone left there must not hang the worker.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -1127,10 +1210,15 @@ class UnixDomainSocketDirectory(BaseTokenPlugin):
 
     def __init__(self, src: Optional[str]) -> None:
         super().__init__(src)
-        self._directory = _source_directory(src, "a directory of unix sockets")
+        self._path = _source_directory(src, "a directory of unix sockets")
+        self._state = _SourceState(type(self).__name__, self._path)
+        _current_directory(self._path, self._state)  # says at startup if it is missing
 
     def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
-        path = _path_in_directory(self._directory, token, "UnixDomainSocketDirectory")
+        directory = _current_directory(self._path, self._state)
+        if directory is None:
+            return None
+        path = _path_in_directory(directory, token, "UnixDomainSocketDirectory")
         try:
             mode = os.stat(path).st_mode
         except (FileNotFoundError, NotADirectoryError):
@@ -1145,21 +1233,29 @@ class TokenJSONFile(BaseTokenPlugin):
 
     Re-read when the file changes (inode, size, mtime or ctime). A version
     that cannot be read or parsed is logged once and ignored: the last good
-    one stays in force, so a typo while editing does not lock everyone out."""
+    one stays in force, so a typo while editing does not lock everyone out.
+    Until a first good version exists, no token is found."""
 
     def __init__(self, src: Optional[str]) -> None:
         super().__init__(src)
         self._path = os.path.abspath(_source_text(src, "--token-source", "a JSON token file"))
+        self._state = _SourceState(type(self).__name__, self._path)
         self._lock = threading.Lock()  # one reload at a time
+        self._version: Optional[Tuple[int, int, int, int]] = None
+        self._targets: Dict[str, Target] = {}
+        self._loaded = False  # a good version was read
         try:
-            self._version: Optional[Tuple[int, int, int, int]] = self._file_version()
+            self._version = _file_version(self._path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._state.missing()
+            return
+        except OSError as exc:
+            raise ConfigError(f"--token-source {src!r}: {_describe(exc)}") from None
+        try:
             self._targets = self._read_targets()
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--token-source {src!r}: {_describe(exc)}") from None
-
-    def _file_version(self) -> Tuple[int, int, int, int]:
-        info = os.stat(self._path)
-        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        self._loaded = True
 
     def _read_targets(self) -> Dict[str, Target]:
         with open(self._path, encoding="utf-8-sig") as file:  # -sig: tolerate a BOM
@@ -1170,7 +1266,7 @@ class TokenJSONFile(BaseTokenPlugin):
 
     def _reload_if_changed(self) -> None:
         try:
-            version: Optional[Tuple[int, int, int, int]] = self._file_version()
+            version: Optional[Tuple[int, int, int, int]] = _file_version(self._path)
         except OSError:
             version = None
         if version == self._version:
@@ -1181,7 +1277,15 @@ class TokenJSONFile(BaseTokenPlugin):
             self._version = version  # even if it fails: log once per version, not per lookup
             try:
                 self._targets = self._read_targets()  # one assignment: readers need no lock
+                self._loaded = True
+                self._state.usable()
             except (OSError, ValueError) as exc:
+                if not self._loaded:  # no previous tokens to keep
+                    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                        self._state.missing()
+                    else:
+                        self._state.unusable(_describe(exc))
+                    return
                 _log.warning(
                     "TokenJSONFile: %s unusable, keeping the previous tokens: %s",
                     self._path,
@@ -1395,6 +1499,39 @@ def _import_jwcrypto(module: str) -> Optional[types.ModuleType]:
         return None
 
 
+class _JWTKey(NamedTuple):
+    """A JWTTokenApi key: an HMAC secret, or a PEM key that only jwcrypto can use."""
+
+    hmac_key: Optional[bytes]
+    jwk: Any  # jwcrypto's key, when jwcrypto is installed
+
+
+def _parse_jwt_key(key_data: bytes) -> _JWTKey:
+    """The key in a key file's bytes; raises ValueError saying what is wrong."""
+    jwk = _import_jwcrypto("jwk")
+    if key_data.lstrip().startswith(b"-----BEGIN"):
+        if jwk is None:
+            raise ValueError("a PEM key needs jwcrypto (pip install jwcrypto)")
+        try:
+            return _JWTKey(None, jwk.JWK.from_pem(key_data))
+        except Exception as exc:  # jwcrypto and cryptography raise many types
+            raise ValueError(f"unusable PEM key: {_describe(exc)}") from None
+    try:
+        secret = key_data.decode("ascii").strip().rstrip("=")
+        hmac_key = _b64url_decode(secret)
+    except ValueError:
+        raise ValueError("an HMAC secret must be written in base64url") from None
+    if not hmac_key:
+        raise ValueError("the HMAC secret is empty")
+    oct_key: Any = None
+    if jwk is not None:  # only for encrypted tokens: HMAC signatures need no jwcrypto
+        try:
+            oct_key = jwk.JWK(kty="oct", k=secret)
+        except Exception as exc:  # jwcrypto raises many types
+            _log.warning("JWTTokenApi: jwcrypto refuses the key: %s", _describe(exc))
+    return _JWTKey(hmac_key, oct_key)
+
+
 class JWTTokenApi(BaseTokenPlugin):
     """The token is a JWT whose claims ``host`` and ``port`` name the target.
 
@@ -1403,55 +1540,81 @@ class JWTTokenApi(BaseTokenPlugin):
     in base64url (a JWK ``k`` value). HS256/384/512 tokens are checked with
     the standard library; encrypted (JWE) tokens, whose payload must be a
     signed token, need jwcrypto. ``nbf`` and ``exp`` are honoured. Invalid,
-    expired or not yet valid tokens are refused with 403."""
+    expired or not yet valid tokens are refused with 403.
+
+    The key file is read again when it changes, as upstream reads it at every
+    lookup, so a new key applies without a restart. While it is missing or
+    unusable no token is found (404), as upstream finds none."""
 
     def __init__(self, src: Optional[str]) -> None:
         super().__init__(src)
-        path = _source_text(src, "--token-source", "a PEM key or a base64url HMAC secret")
+        text = _source_text(src, "--token-source", "a PEM key or a base64url HMAC secret")
+        # Absolute, so that daemonizing (which changes directory) changes nothing.
+        self._path = os.path.abspath(text)
+        self._state = _SourceState(type(self).__name__, self._path)
+        self._lock = threading.Lock()  # one reload at a time
+        # (file version, key) in one attribute: a lookup reads both in one step.
+        self._loaded: Tuple[Optional[Tuple[int, int, int, int]], Optional[_JWTKey]]
         try:
-            with open(path, "rb") as key_file:
+            version = _file_version(self._path)
+            with open(self._path, "rb") as key_file:
                 key_data = key_file.read()
+        except (FileNotFoundError, NotADirectoryError):
+            self._state.missing()
+            self._loaded = (None, None)
+            return
         except OSError as exc:
             raise ConfigError(f"--token-source: key file: {_describe(exc)}") from None
-        self._hmac_key: Optional[bytes] = None
-        self._jwk: Any = None  # jwcrypto's key, when jwcrypto is installed
-        jwk = _import_jwcrypto("jwk")
-        if key_data.lstrip().startswith(b"-----BEGIN"):
-            if jwk is None:
-                raise ConfigError(
-                    f"{path} is a PEM key, which needs jwcrypto (pip install jwcrypto)"
-                )
-            try:
-                self._jwk = jwk.JWK.from_pem(key_data)
-            except Exception as exc:  # jwcrypto and cryptography raise many types
-                raise ConfigError(f"{path}: unusable PEM key: {_describe(exc)}") from None
-            return
         try:
-            secret = key_data.decode("ascii").strip().rstrip("=")
-            self._hmac_key = _b64url_decode(secret)
-        except ValueError:
-            raise ConfigError(f"{path}: an HMAC secret must be written in base64url") from None
-        if not self._hmac_key:
-            raise ConfigError(f"{path}: the HMAC secret is empty")
-        if jwk is not None:  # only for encrypted tokens: HMAC signatures need no jwcrypto
-            try:
-                self._jwk = jwk.JWK(kty="oct", k=secret)
-            except Exception as exc:  # jwcrypto raises many types
-                _log.warning("JWTTokenApi: jwcrypto refuses the key: %s", _describe(exc))
+            self._loaded = (version, _parse_jwt_key(key_data))
+        except ValueError as exc:
+            raise ConfigError(f"{text}: {exc}") from None
 
-    def _decrypt(self, token: str) -> str:
+    def _current_key(self) -> Optional[_JWTKey]:
+        """The key the file holds now (read again if it changed); None if there is none."""
+        try:
+            version: Optional[Tuple[int, int, int, int]] = _file_version(self._path)
+        except OSError:
+            version = None
+        loaded_version, key = self._loaded
+        if version == loaded_version:
+            return key
+        with self._lock:
+            if version != self._loaded[0]:  # another worker may have read it meanwhile
+                self._loaded = (version, self._read_key(version))
+            return self._loaded[1]
+
+    def _read_key(self, version: Optional[Tuple[int, int, int, int]]) -> Optional[_JWTKey]:
+        if version is None:
+            self._state.missing()
+            return None
+        try:
+            with open(self._path, "rb") as key_file:
+                key = _parse_jwt_key(key_file.read())
+        except (FileNotFoundError, NotADirectoryError):  # removed since the stat
+            self._state.missing()
+            return None
+        except (OSError, ValueError) as exc:
+            # Refused, as upstream refuses while its key is unreadable: the old key
+            # may be the very one being withdrawn.
+            self._state.unusable(str(exc) if isinstance(exc, ValueError) else _describe(exc))
+            return None
+        self._state.usable()
+        return key
+
+    def _decrypt(self, token: str, key: _JWTKey) -> str:
         jwe = _import_jwcrypto("jwe")
-        if self._jwk is None or jwe is None:
+        if key.jwk is None or jwe is None:
             raise ValueError("encrypted (JWE) tokens need jwcrypto, which is not installed")
         envelope = jwe.JWE()
         envelope.allowed_algs = list(_JWE_ALGS)
         try:
-            envelope.deserialize(token, key=self._jwk)
+            envelope.deserialize(token, key=key.jwk)
             return str(envelope.payload.decode("ascii"))
         except Exception as exc:  # jwcrypto raises many types for bad input
             raise ValueError(f"cannot decrypt: {_describe(exc)}") from None
 
-    def _verified_payload(self, token: str) -> bytes:
+    def _verified_payload(self, token: str, key: _JWTKey) -> bytes:
         """The payload of a compact JWS whose signature checks; raises ValueError."""
         parts = token.split(".")
         if len(parts) != 3:
@@ -1462,12 +1625,12 @@ class JWTTokenApi(BaseTokenPlugin):
         if "crit" in header:  # RFC 7515 section 4.1.11: unknown extensions must fail
             raise ValueError("critical header extensions are not supported")
         alg = header.get("alg")
-        if self._hmac_key is not None:
+        if key.hmac_key is not None:
             hash_function = _JWT_HMAC_HASHES.get(str(alg))
             if hash_function is None:
                 raise ValueError(f"algorithm {_brief(alg)} is not allowed with an HMAC key")
             signed = f"{parts[0]}.{parts[1]}".encode("ascii")
-            expected = hmac.new(self._hmac_key, signed, hash_function).digest()
+            expected = hmac.new(key.hmac_key, signed, hash_function).digest()
             if not hmac.compare_digest(_b64url_decode(parts[2]), expected):
                 raise ValueError("bad signature")
             return _b64url_decode(parts[1])
@@ -1479,16 +1642,16 @@ class JWTTokenApi(BaseTokenPlugin):
         signature.allowed_algs = list(_JWS_PUBLIC_KEY_ALGS)
         try:
             signature.deserialize(token)
-            signature.verify(self._jwk, alg=alg)
+            signature.verify(key.jwk, alg=alg)
             return bytes(signature.payload)
         except Exception as exc:  # jwcrypto raises many types for bad input
             raise ValueError(f"bad signature: {_describe(exc)}") from None
 
-    def _claims(self, token: str) -> Dict[str, Any]:
+    def _claims(self, token: str, key: _JWTKey) -> Dict[str, Any]:
         """The claims of a token that decrypts and verifies; raises ValueError."""
         if token.count(".") == 4:  # compact JWE: five parts
-            token = self._decrypt(token)
-        claims = _loads_json(self._verified_payload(token).decode("utf-8"))
+            token = self._decrypt(token, key)
+        claims = _loads_json(self._verified_payload(token, key).decode("utf-8"))
         if not isinstance(claims, dict):
             raise ValueError("the claims are not a JSON object")
         for claim in ("nbf", "exp"):
@@ -1502,8 +1665,11 @@ class JWTTokenApi(BaseTokenPlugin):
         return claims
 
     def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
+        key = self._current_key()
+        if key is None:
+            return None
         try:
-            claims = self._claims(token)
+            claims = self._claims(token, key)
         except ValueError as exc:
             raise _TokenRefused(403, "Invalid token", f"JWTTokenApi: {exc}") from None
         now = time.time()

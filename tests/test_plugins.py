@@ -384,12 +384,76 @@ def test_token_directory_reads_every_file_but_backups_and_hidden_ones(tmp_path: 
     assert plugin.lookup("vm3") == ("c", 3)
 
 
-def test_token_file_that_vanishes_fails_the_lookup_with_500(tmp_path: Path) -> None:
+@pytest.fixture
+def source_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """caplog, with the info lines that say a token source is usable again."""
+    caplog.set_level(logging.INFO, LOGGER)
+    return caplog
+
+
+def source_messages(caplog: pytest.LogCaptureFixture, path: Path) -> List[str]:
+    """What was logged about the token source *path* itself (not about one token)."""
+    return [
+        r.getMessage() for r in caplog.records if r.name == LOGGER and str(path) in r.getMessage()
+    ]
+
+
+def test_token_file_that_vanishes_is_an_unknown_token_until_it_is_back(
+    tmp_path: Path, source_log: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "tokens"
     path.write_text("vm1: a:1\n")
     plugin = load_plugin("token", "TokenFile", str(path))
     path.unlink()
-    assert refusal(lookup_target, plugin, "vm1").status == 500
+    for _ in range(3):
+        assert refusal(lookup_target, plugin, "vm1").status == 404
+    path.write_text("vm1: b:2\n")
+    for _ in range(3):
+        assert lookup_target(plugin, "vm1") == Target("b", 2)
+    path.unlink()
+    assert refusal(lookup_target, plugin, "vm1").status == 404
+    assert source_messages(source_log, path) == [
+        f"TokenFile: {path} no longer exists; lookups find no token until it is back",
+        f"TokenFile: {path} is usable now",
+        f"TokenFile: {path} no longer exists; lookups find no token until it is back",
+    ]
+
+
+@pytest.mark.parametrize("plugin_name", ["TokenFile", "ReadOnlyTokenFile"])
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_token_file_missing_at_startup(
+    plugin_name: str, layout: str, tmp_path: Path, source_log: pytest.LogCaptureFixture
+) -> None:
+    source = tmp_path / "later"
+    plugin = load_plugin("token", plugin_name, str(source))
+    assert source_messages(source_log, source) == [
+        f"{plugin_name}: {source} does not exist yet; lookups find no token until it does"
+    ]
+    for _ in range(3):
+        assert refusal(lookup_target, plugin, "vm1").status == 404
+    assert len(source_messages(source_log, source)) == 1  # not once per lookup
+    if layout == "file":
+        source.write_text("vm1: a:1\n")
+        edited = source
+    else:
+        source.mkdir()
+        (source / "x").write_text("vm1: a:1\n")
+        edited = source / "x"
+    assert lookup_target(plugin, "vm1") == Target("a", 1)
+    assert source_messages(source_log, source)[1:] == [f"{plugin_name}: {source} is usable now"]
+    edited.write_text("vm1: b:2\n")
+    expected = Target("b", 2) if plugin_name == "TokenFile" else Target("a", 1)
+    assert lookup_target(plugin, "vm1") == expected  # ReadOnlyTokenFile read it once
+
+
+def test_a_token_source_that_is_not_there_yet_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    plugin = load_plugin("token", "ReadOnlyTokenFile", "tokens")
+    monkeypatch.chdir("/")
+    (tmp_path / "tokens").write_text("vm1: a:1\n")
+    assert plugin.lookup("vm1") == ("a", 1)
 
 
 def test_token_file_source_is_absolute_so_a_chdir_changes_nothing(
@@ -483,6 +547,76 @@ def test_unix_domain_socket_directory(socket_dir: Path) -> None:
             assert refusal(lookup_target, plugin, token).status == 400, token
 
 
+@pytest.mark.parametrize("plugin_name", ["TokenFileName", "UnixDomainSocketDirectory"])
+def test_token_directory_missing_at_startup(
+    plugin_name: str, socket_dir: Path, source_log: pytest.LogCaptureFixture
+) -> None:
+    directory = socket_dir / "later"
+    plugin = load_plugin("token", plugin_name, str(directory))
+    for _ in range(3):
+        assert refusal(lookup_target, plugin, "vm1").status == 404
+        assert refusal(lookup_target, plugin, "../outside").status == 404  # nothing to leave
+    assert source_messages(source_log, directory) == [
+        f"{plugin_name}: {directory} does not exist yet; lookups find no token until it does"
+    ]
+    (socket_dir / "outside").write_text("h:1")
+    directory.mkdir()
+    (directory / "link").symlink_to(socket_dir / "outside")
+    with bound_unix_socket(directory / "vm1"):
+        if plugin_name == "TokenFileName":
+            (directory / "vm1").unlink()
+            (directory / "vm1").write_text("h:2")
+            expected = Target("h", 2)
+        else:
+            expected = Target("unix_socket", 0, str(directory / "vm1"))
+        assert lookup_target(plugin, "vm1") == expected
+        for token in [*ESCAPES, "../outside", "link"]:
+            assert refusal(lookup_target, plugin, token).status == 400, token
+    assert source_messages(source_log, directory)[1] == f"{plugin_name}: {directory} is usable now"
+
+
+def test_token_file_name_follows_its_directory_while_running(
+    tmp_path: Path, source_log: pytest.LogCaptureFixture
+) -> None:
+    """The real path is found at each lookup: a directory swapped in (as a symlink) counts,
+    and escapes are judged against the directory in force."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    (old / "vm1").write_text("h:1")
+    (new / "vm1").write_text("h:2")
+    (new / "back").symlink_to(old / "vm1")  # inside the old directory, but out of the new
+    current = tmp_path / "current"
+    current.symlink_to(old)
+    plugin = load_plugin("token", "TokenFileName", str(current))
+    assert lookup_target(plugin, "vm1") == Target("h", 1)
+    swap = tmp_path / "current.new"
+    swap.symlink_to(new)
+    os.replace(str(swap), str(current))
+    assert lookup_target(plugin, "vm1") == Target("h", 2)
+    assert refusal(lookup_target, plugin, "back").status == 400
+    assert f"TokenFileName: token leads out of {new}" in source_log.text
+
+
+@pytest.mark.parametrize("plugin_name", ["TokenFileName", "UnixDomainSocketDirectory"])
+def test_token_directory_replaced_by_a_file(
+    plugin_name: str, tmp_path: Path, source_log: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "tokens"
+    directory.mkdir()
+    plugin = load_plugin("token", plugin_name, str(directory))
+    directory.rmdir()
+    directory.write_text("vm1")
+    for _ in range(3):
+        assert refusal(lookup_target, plugin, "vm1").status == 404
+    assert source_messages(source_log, directory) == [
+        f"{plugin_name}: {directory} is unusable, lookups find no token until it is fixed: "
+        "not a directory"
+    ]
+    with pytest.raises(ConfigError, match=r"is not a directory$"):  # at startup, an error
+        load_plugin("token", plugin_name, str(directory))
+
+
 # --- TokenJSONFile ---
 
 
@@ -559,6 +693,31 @@ def test_json_token_file_is_consistent_under_concurrent_reloads(tmp_path: Path) 
     assert not errors
     assert all(isinstance(v, tuple) and v[1] == 1 for v in seen)
     assert plugin.lookup("vm") == ("gen49", 1)
+
+
+def test_json_token_file_missing_at_startup(
+    tmp_path: Path, source_log: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tokens.json"
+    plugin = load_plugin("token", "TokenJSONFile", str(path))
+    for _ in range(3):
+        assert refusal(lookup_target, plugin, "vm1").status == 404
+    path.write_text('{"vm1": ')  # half written: still no token
+    for _ in range(3):
+        assert refusal(lookup_target, plugin, "vm1").status == 404
+    path.write_text('{"vm1": "a:1"}')
+    touch_newer(path)
+    assert lookup_target(plugin, "vm1") == Target("a", 1)
+    path.unlink()  # from now on, as for any edit: the last good tokens stay
+    assert lookup_target(plugin, "vm1") == Target("a", 1)
+    messages = source_messages(source_log, path)
+    assert messages[:2] == [
+        f"TokenJSONFile: {path} does not exist yet; lookups find no token until it does",
+        f"TokenJSONFile: {path} is unusable, lookups find no token until it is fixed: "
+        "JSONDecodeError: Expecting value: line 1 column 9 (char 8)",
+    ]
+    assert messages[2] == f"TokenJSONFile: {path} is usable now"
+    assert "keeping the previous tokens" in messages[3] and len(messages) == 4
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", "not json", '"a:1"', "", "[" * 100_000])
@@ -903,7 +1062,103 @@ def test_jwt_key_files(content: bytes, message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^--token-plugin JWTTokenApi: .*{message}"):
         load_plugin("token", "JWTTokenApi", str(tmp_path / "key"))
     with pytest.raises(ConfigError, match=r"^--token-plugin JWTTokenApi: --token-source: key file"):
-        load_plugin("token", "JWTTokenApi", str(tmp_path / "missing"))
+        load_plugin("token", "JWTTokenApi", str(tmp_path))  # a directory is no key file
+
+
+def write_key(path: Path, key: bytes) -> None:
+    """Replace the key file as careful tools do: a new inode, whatever the clock."""
+    temporary = path.with_name(path.name + ".new")
+    temporary.write_text(b64url(key) + "\n")
+    os.replace(str(temporary), str(path))
+
+
+OTHER_KEY = b"another key, thirty-two bytes..."
+CLAIMS = {"host": "h", "port": 1}
+
+
+def test_jwt_key_file_is_read_again_when_it_changes(
+    tmp_path: Path, source_log: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "jwt.key"
+    write_key(path, HMAC_KEY)
+    plugin = load_plugin("token", "JWTTokenApi", str(path))
+    assert lookup_target(plugin, make_jwt(CLAIMS)) == Target("h", 1)
+    write_key(path, OTHER_KEY)
+    assert lookup_target(plugin, make_jwt(CLAIMS, key=OTHER_KEY)) == Target("h", 1)
+    assert refusal(lookup_target, plugin, make_jwt(CLAIMS)).status == 403
+    path.write_text(b64url(HMAC_KEY) + "\n")  # rewritten in place: same inode
+    touch_newer(path)
+    assert lookup_target(plugin, make_jwt(CLAIMS)) == Target("h", 1)
+    assert refusal(lookup_target, plugin, make_jwt(CLAIMS, key=OTHER_KEY)).status == 403
+    assert source_messages(source_log, path) == []  # the key was always usable
+
+
+def test_jwt_key_file_missing_or_broken_refuses_every_token_until_it_is_good(
+    tmp_path: Path, source_log: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "jwt.key"
+    plugin = load_plugin("token", "JWTTokenApi", str(path))
+    for _ in range(3):
+        assert refusal(lookup_target, plugin, make_jwt(CLAIMS)).status == 404
+    write_key(path, HMAC_KEY)
+    assert lookup_target(plugin, make_jwt(CLAIMS)) == Target("h", 1)
+    broken = path.with_name("broken")
+    broken.write_text("not base64url!\n")
+    os.replace(str(broken), str(path))
+    for _ in range(3):  # not the last good key: it may be the one being withdrawn
+        assert refusal(lookup_target, plugin, make_jwt(CLAIMS)).status == 404
+    write_key(path, HMAC_KEY)
+    assert lookup_target(plugin, make_jwt(CLAIMS)) == Target("h", 1)
+    path.unlink()
+    assert refusal(lookup_target, plugin, make_jwt(CLAIMS)).status == 404
+    assert source_messages(source_log, path) == [
+        f"JWTTokenApi: {path} does not exist yet; lookups find no token until it does",
+        f"JWTTokenApi: {path} is usable now",
+        f"JWTTokenApi: {path} is unusable, lookups find no token until it is fixed: "
+        "an HMAC secret must be written in base64url",
+        f"JWTTokenApi: {path} is usable now",
+        f"JWTTokenApi: {path} no longer exists; lookups find no token until it is back",
+    ]
+
+
+def test_jwt_key_rotation_under_concurrent_lookups(tmp_path: Path) -> None:
+    """Every lookup checks a token against one whole key, old or new, never a mix."""
+    path = tmp_path / "jwt.key"
+    keys = [HMAC_KEY, OTHER_KEY]
+    write_key(path, keys[0])
+    plugin = load_plugin("token", "JWTTokenApi", str(path))
+    tokens = [make_jwt({"host": "h", "port": n + 1}, key=key) for n, key in enumerate(keys)]
+    seen: List[int] = []
+    errors: List[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            accepted = []
+            for token in tokens:
+                try:
+                    accepted.append(lookup_target(plugin, token).port)
+                except HandshakeError as exc:
+                    if exc.status != 403:
+                        errors.append(exc)
+                except BaseException as exc:
+                    errors.append(exc)
+            seen.extend(accepted)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for generation in range(40):
+            write_key(path, keys[generation % 2])
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert not errors
+    assert set(seen) <= {1, 2}
+    assert lookup_target(plugin, tokens[1]).port == 2  # generation 39 wrote the second key
+    assert refusal(lookup_target, plugin, tokens[0]).status == 403
 
 
 class TestJWTWithJwcrypto:
@@ -1183,17 +1438,21 @@ def test_a_real_websockify_package_is_used_as_is(clean_imports: Path) -> None:
         ),
         ("token", "exiting_plugins.X", None, r"cannot import exiting_plugins: SystemExit"),
         ("token", "TokenFile", None, r"^--token-plugin TokenFile: needs --token-source"),
+        # A source that does not exist yet is no error (see *_missing_at_startup), one of
+        # the wrong kind is.
+        ("token", "ReadOnlyTokenFile", "", r"needs --token-source"),
         (
             "token",
-            "TokenFile",
-            "/no/such/file",
-            r"^--token-plugin TokenFile: --token-source .* does not exist$",
+            "TokenFileName",
+            "/dev/null",
+            r"^--token-plugin TokenFileName: --token-source '/dev/null' is not a directory$",
         ),
-        ("token", "ReadOnlyTokenFile", "", r"needs --token-source"),
-        ("token", "TokenFileName", "/no/such/dir", r"is not a directory$"),
         ("token", "UnixDomainSocketDirectory", None, r"needs --token-source"),
-        ("token", "TokenJSONFile", "/no/such.json", r"FileNotFoundError"),
+        ("token", "UnixDomainSocketDirectory", "/dev/null", r"is not a directory$"),
+        ("token", "TokenJSONFile", "/", r"IsADirectoryError"),
+        ("token", "TokenJSONFile", "/dev/null", r"JSONDecodeError"),
         ("token", "JWTTokenApi", None, r"needs --token-source"),
+        ("token", "JWTTokenApi", "/", r"--token-source: key file: IsADirectoryError"),
         ("token", "BaseTokenAPI", None, r"needs --token-source"),
     ],
 )
