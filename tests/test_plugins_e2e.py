@@ -469,6 +469,83 @@ def test_unix_domain_socket_directory(
     assert f"connecting to: unix socket {directory / 'vm1.sock'}" in proxy.log()
 
 
+# --- token sources that do not exist yet when the proxy starts ---
+
+
+def create_source(plugin: str, source: Path, targets: Targets, unix_server: Any) -> None:
+    """Create *plugin*'s source, where token vm1 leads to the target greeting "one"."""
+    if plugin in ("TokenFile", "ReadOnlyTokenFile"):
+        write_atomically(source, f"vm1: {targets['one'].target}\n")
+    elif plugin == "TokenJSONFile":
+        write_atomically(source, json.dumps({"vm1": targets["one"].target}))
+    elif plugin == "TokenFileName":
+        source.mkdir()
+        (source / "vm1").write_text(targets["one"].target)
+    else:
+        source.mkdir()
+        unix_server(source / "vm1", "one")
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    "plugin",
+    [
+        "TokenFile",
+        "ReadOnlyTokenFile",
+        "TokenJSONFile",
+        "TokenFileName",
+        "UnixDomainSocketDirectory",
+    ],
+)
+def test_a_token_source_created_after_startup(
+    plugin: str,
+    start_proxy: ProxyFactory,
+    targets: Targets,
+    unix_server: Callable[[Path, str], UnixServer],
+    short_tmp: Path,
+) -> None:
+    """As upstream, which reads its source only when a client comes: the proxy starts at
+    boot before the source exists, knows no token meanwhile, and uses the source once
+    it is there."""
+    source = short_tmp / "later"
+    proxy, port = token_file_proxy(start_proxy, source, plugin=plugin)  # listening
+    missing = f"{plugin}: {source} does not exist yet; lookups find no token until it does"
+    proxy.wait_log(missing)
+    for _ in range(3):
+        answer = refused(port, "/websockify?token=vm1")
+        assert answer.status == 404 and "Token not found" in answer.body
+    create_source(plugin, source, targets, unix_server)
+    assert greeted_by(port, "/websockify?token=vm1") == "one"
+    assert greeted_by(port, "/websockify?token=vm1") == "one"
+    if plugin != "UnixDomainSocketDirectory":
+        assert refused(port, "/websockify?token=../outside").status in (400, 404)
+    log = proxy.log()
+    assert log.count(missing) == 1  # once at startup, not once per lookup
+    assert log.count(f"{plugin}: {source} is usable now") == 1
+    assert proxy.proc.poll() is None
+
+
+def test_a_token_directory_created_after_startup_keeps_tokens_inside(
+    start_proxy: ProxyFactory, targets: Targets, tmp_path: Path
+) -> None:
+    directory = tmp_path / "tokens.d"
+    proxy, port = proxy_on(
+        start_proxy, "--token-plugin", "TokenFileName", "--token-source", str(directory)
+    )
+    assert refused(port, "/websockify?token=vm1").status == 404
+    directory.mkdir()
+    (directory / "vm1").write_text(targets["one"].target)
+    outside = tmp_path / "outside"
+    outside.write_text(targets["secret"].target)
+    (directory / "link").symlink_to(outside)
+    assert greeted_by(port, "/websockify?token=vm1") == "one"
+    for token in [*escapes(outside), "link"]:
+        answer = refused(port, f"/websockify?token={token}")
+        assert (answer.status, "Invalid token" in answer.body) == (400, True), token
+    assert f"TokenFileName: token leads out of {directory}" in proxy.log()
+    assert not targets["secret"].connections
+
+
 # --- token services over HTTP ---
 
 
@@ -664,6 +741,54 @@ def test_jwt_hs256(start_proxy: ProxyFactory, targets: Targets, tmp_path: Path) 
     assert "JWTTokenApi: token not yet valid" in log
     assert "JWTTokenApi: bad signature" in log
     assert not targets["one"].connections[2:]  # only the two valid tokens got through
+
+
+def write_key(path: Path, key: bytes) -> None:
+    write_atomically(path, b64url(key) + "\n")
+
+
+def test_jwt_key_rotation_applies_without_a_restart(
+    start_proxy: ProxyFactory, targets: Targets, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "jwt.key"
+    write_key(key_file, HMAC_KEY)
+    proxy, port = proxy_on(
+        start_proxy, "--token-plugin", "JWTTokenApi", "--token-source", str(key_file)
+    )
+    claims = {"host": "127.0.0.1", "port": targets["one"].port}
+    old_token = hs256(claims)
+    assert greeted_by(port, "/websockify?token=" + old_token) == "one"
+    new_key = b"the next key, thirty-two bytes.."
+    write_key(key_file, new_key)
+    assert greeted_by(port, "/websockify?token=" + hs256(claims, key=new_key)) == "one"
+    answer = refused(port, "/websockify?token=" + old_token)
+    assert answer.status == 403 and "Invalid token" in answer.body
+    assert "JWTTokenApi: bad signature" in proxy.log()
+    assert len(targets["one"].connections) == 2
+
+
+def test_jwt_key_created_after_startup(
+    start_proxy: ProxyFactory, targets: Targets, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "jwt.key"
+    proxy, port = proxy_on(
+        start_proxy, "--token-plugin", "JWTTokenApi", "--token-source", str(key_file)
+    )
+    missing = f"JWTTokenApi: {key_file} does not exist yet; lookups find no token until it does"
+    proxy.wait_log(missing)
+    token = hs256({"host": "127.0.0.1", "port": targets["one"].port})
+    for _ in range(3):
+        assert refused(port, "/websockify?token=" + token).status == 404
+    write_key(key_file, HMAC_KEY)
+    assert greeted_by(port, "/websockify?token=" + token) == "one"
+    write_atomically(key_file, "not base64url!\n")  # broken: no key is used, not the old one
+    assert refused(port, "/websockify?token=" + token).status == 404
+    proxy.wait_log(f"JWTTokenApi: {key_file} is unusable, lookups find no token until it is fixed")
+    write_key(key_file, HMAC_KEY)
+    assert greeted_by(port, "/websockify?token=" + token) == "one"
+    log = proxy.log()
+    assert log.count(missing) == 1
+    assert log.count(f"JWTTokenApi: {key_file} is usable now") == 2
 
 
 def test_jwt_rs256_with_jwcrypto(
