@@ -574,6 +574,7 @@ def test_traffic_marks_and_log_file(
         (["--token-source", "f", "6080", "h:1"], "--token-source requires --token-plugin"),
         (["--auth-source", "f", "6080", "h:1"], "--auth-source requires --auth-plugin"),
         (["--legacy-syslog", "6080", "h:1"], "--legacy-syslog requires --syslog"),
+        (["--target-config", "t", "--token-plugin", "TokenFile", "6080"], "cannot be combined"),
         (["--ssl-only", "--cert", "/nonexistent.pem", "6080", "h:1"], "--ssl-only"),
         (["--ssl-version", "sslv3", "6080", "h:1"], "--ssl-version"),
         (["--unix-listen-mode", "999", "--unix-listen", "/tmp/x", "h:1"], "--unix-listen-mode"),
