@@ -4561,6 +4561,9 @@ def _reuses_port(sock: socket.socket) -> bool:
     return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
 
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # what a worker handles
+
+
 class _Supervisor:
     """--workers N: N forked processes, each with its own loop, serving the same port.
 
@@ -4672,9 +4675,15 @@ class _Supervisor:
                 os.kill(pid, signum)
 
     def _spawn(self, inherit: bool) -> None:
-        pid = os.fork()
-        if pid == 0:
-            self._serve_in_child(inherit)  # never returns
+        # The worker starts with these signals blocked, so one sent while it is still
+        # starting (logrotate's SIGHUP) waits for its loop instead of killing it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._serve_in_child(inherit)  # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[pid] = time.monotonic()
 
     def _serve_in_child(self, inherit: bool) -> NoReturn:
@@ -4694,7 +4703,10 @@ class _Supervisor:
                     _tcp_listener(where.family, where.address, where.dual_stack, reuse_port=True)
                     for where in self.addresses
                 ]
-            status = Server(self.options, listeners).serve_forever()
+            server = Server(self.options, listeners)
+            server.handle_signals()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)  # handled from here
+            status = server.serve_forever()
         except BaseException as exc:  # whatever happens, this process must not return
             if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 _log.error("worker %d failed: %s", os.getpid(), _describe(exc), exc_info=exc)

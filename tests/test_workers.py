@@ -14,6 +14,7 @@ from conftest import (
     ProxyFactory,
     RawClient,
     TcpServer,
+    env_with_module,
     free_port,
     listen_args,
     process_exited,
@@ -207,5 +208,45 @@ def test_sighup_reaches_every_worker_and_stops_none(
     wait_until(reopened_by_all, "the supervisor and both workers to reopen the log file")
     assert children_of(proxy.pid) == workers and proxy.proc.poll() is None
     client = RawClient.connect(address)
+    echo_through([client])
+    client.close()
+
+
+SLOW_START_PLUGIN = """
+import time
+
+class SlowStart:
+    def __init__(self, source):
+        seconds, self.target = source.split(" ")
+        time.sleep(float(seconds))  # each worker loads its plugins while starting
+
+    def lookup(self, token):
+        host, port = self.target.rsplit(":", 1)
+        return (host, port)
+"""
+
+
+def test_sighup_while_workers_start_waits_for_them_and_kills_none(
+    start_proxy: ProxyFactory, echo_server: TcpServer, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "proxy.log"
+    env = env_with_module(tmp_path / "plugins", "slow_start", SLOW_START_PLUGIN)
+    listen, address = listen_args()
+    proxy = start_proxy(
+        "--workers", "2", "--log-file", str(log_file),
+        "--token-plugin", "slow_start.SlowStart", "--token-source", f"2 {echo_server.target}",
+        listen, listen=address, env=env,
+    )  # fmt: skip
+    workers = wait_workers(proxy, 2)  # both still in their plugin's two-second start
+    log_file.rename(tmp_path / "proxy.log.1")
+    os.kill(proxy.pid, signal.SIGHUP)
+
+    def reopened_by_all() -> bool:
+        return log_file.exists() and log_file.read_text().count("log files reopened") == 3
+
+    wait_until(reopened_by_all, "the supervisor and both workers to reopen the log file")
+    assert children_of(proxy.pid) == workers and proxy.proc.poll() is None
+    assert "killed by signal" not in proxy.log() + log_file.read_text()
+    client = RawClient.connect(address, path="/websockify?token=any")
     echo_through([client])
     client.close()
