@@ -663,18 +663,17 @@ def test_json_token_file_values_and_reload(
     assert plugin.lookup("vm1") == ("bom", 2)
 
 
-def test_json_token_file_is_consistent_under_concurrent_reloads(tmp_path: Path) -> None:
-    path = tmp_path / "tokens.json"
-    path.write_text('{"vm": "old:1"}')
-    plugin = load_plugin("token", "TokenJSONFile", str(path))
-    seen: List[object] = []
+def errors_of_lookups_during(
+    lookup: Callable[[], None], change: Callable[[], None]
+) -> List[BaseException]:
+    """Call *lookup* over and over in 4 threads while *change* runs; what the calls raised."""
     errors: List[BaseException] = []
     stop = threading.Event()
 
     def reader() -> None:
         while not stop.is_set():
             try:
-                seen.append(plugin.lookup("vm"))
+                lookup()
             except BaseException as exc:
                 errors.append(exc)
 
@@ -682,14 +681,27 @@ def test_json_token_file_is_consistent_under_concurrent_reloads(tmp_path: Path) 
     for thread in threads:
         thread.start()
     try:
-        for generation in range(50):
-            replacement = tmp_path / "tokens.json.new"
-            replacement.write_text(json.dumps({"vm": f"gen{generation}:1"}))
-            os.replace(replacement, path)  # atomic, as careful tools write
+        change()
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=10)
+    return errors
+
+
+def test_json_token_file_is_consistent_under_concurrent_reloads(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text('{"vm": "old:1"}')
+    plugin = load_plugin("token", "TokenJSONFile", str(path))
+    seen: List[object] = []
+
+    def rewrite() -> None:
+        for generation in range(50):
+            replacement = tmp_path / "tokens.json.new"
+            replacement.write_text(json.dumps({"vm": f"gen{generation}:1"}))
+            os.replace(replacement, path)  # atomic, as careful tools write
+
+    errors = errors_of_lookups_during(lambda: seen.append(plugin.lookup("vm")), rewrite)
     assert not errors
     assert all(isinstance(v, tuple) and v[1] == 1 for v in seen)
     assert plugin.lookup("vm") == ("gen49", 1)
@@ -1129,32 +1141,20 @@ def test_jwt_key_rotation_under_concurrent_lookups(tmp_path: Path) -> None:
     plugin = load_plugin("token", "JWTTokenApi", str(path))
     tokens = [make_jwt({"host": "h", "port": n + 1}, key=key) for n, key in enumerate(keys)]
     seen: List[int] = []
-    errors: List[BaseException] = []
-    stop = threading.Event()
 
-    def reader() -> None:
-        while not stop.is_set():
-            accepted = []
-            for token in tokens:
-                try:
-                    accepted.append(lookup_target(plugin, token).port)
-                except HandshakeError as exc:
-                    if exc.status != 403:
-                        errors.append(exc)
-                except BaseException as exc:
-                    errors.append(exc)
-            seen.extend(accepted)
+    def look_up_both() -> None:
+        for token in tokens:
+            try:
+                seen.append(lookup_target(plugin, token).port)
+            except HandshakeError as exc:
+                if exc.status != 403:  # the other key's token: refused, as it should be
+                    raise
 
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
+    def rotate() -> None:
         for generation in range(40):
             write_key(path, keys[generation % 2])
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
+
+    errors = errors_of_lookups_during(look_up_both, rotate)
     assert not errors
     assert set(seen) <= {1, 2}
     assert lookup_target(plugin, tokens[1]).port == 2  # generation 39 wrote the second key

@@ -231,7 +231,7 @@ def write_atomically(path: Path, text: str) -> None:
 def token_file_proxy(
     start_proxy: ProxyFactory, tokens: Path, *args: str, plugin: str = "TokenFile"
 ) -> Tuple[Proxy, int]:
-    """A proxy whose targets come from the token file (or directory) *tokens*."""
+    """A proxy whose *plugin* takes its targets from *tokens*: a file, directory or key."""
     return proxy_on(start_proxy, "--token-plugin", plugin, "--token-source", str(tokens), *args)
 
 
@@ -529,9 +529,7 @@ def test_a_token_directory_created_after_startup_keeps_tokens_inside(
     start_proxy: ProxyFactory, targets: Targets, tmp_path: Path
 ) -> None:
     directory = tmp_path / "tokens.d"
-    proxy, port = proxy_on(
-        start_proxy, "--token-plugin", "TokenFileName", "--token-source", str(directory)
-    )
+    proxy, port = token_file_proxy(start_proxy, directory, plugin="TokenFileName")
     assert refused(port, "/websockify?token=vm1").status == 404
     directory.mkdir()
     (directory / "vm1").write_text(targets["one"].target)
@@ -752,9 +750,7 @@ def test_jwt_key_rotation_applies_without_a_restart(
 ) -> None:
     key_file = tmp_path / "jwt.key"
     write_key(key_file, HMAC_KEY)
-    proxy, port = proxy_on(
-        start_proxy, "--token-plugin", "JWTTokenApi", "--token-source", str(key_file)
-    )
+    proxy, port = token_file_proxy(start_proxy, key_file, plugin="JWTTokenApi")
     claims = {"host": "127.0.0.1", "port": targets["one"].port}
     old_token = hs256(claims)
     assert greeted_by(port, "/websockify?token=" + old_token) == "one"
@@ -771,9 +767,7 @@ def test_jwt_key_created_after_startup(
     start_proxy: ProxyFactory, targets: Targets, tmp_path: Path
 ) -> None:
     key_file = tmp_path / "jwt.key"
-    proxy, port = proxy_on(
-        start_proxy, "--token-plugin", "JWTTokenApi", "--token-source", str(key_file)
-    )
+    proxy, port = token_file_proxy(start_proxy, key_file, plugin="JWTTokenApi")
     missing = f"JWTTokenApi: {key_file} does not exist yet; lookups find no token until it does"
     proxy.wait_log(missing)
     token = hs256({"host": "127.0.0.1", "port": targets["one"].port})
