@@ -866,11 +866,13 @@ def _target_from_json(value: object) -> Target:
     raise ValueError('expected "host:port" or {"host": ..., "port": ...}')
 
 
-def _as_pair(target: Target) -> Tuple[str, Union[int, str]]:
-    """A target in upstream's ``lookup()`` shape, which plugin subclasses expect."""
+def _as_pair(target: Target, port_as_text: bool = False) -> Tuple[str, Union[int, str]]:
+    """A target in upstream's ``lookup()`` shape, which plugin subclasses and auth plugins
+    expect. Upstream's plugins that read ``host:port`` text return the port as a string:
+    *port_as_text* does the same."""
     if target.unix_socket is not None:
         return (_UNIX_SOCKET_HOST, target.unix_socket)
-    return (target.host, target.port)
+    return (target.host, str(target.port) if port_as_text else target.port)
 
 
 # --- parsers of untrusted text (each raises ValueError and nothing else) ---
@@ -1162,7 +1164,7 @@ class ReadOnlyTokenFile(BaseTokenPlugin):
 
     def lookup(self, token: str) -> Optional[Tuple[str, Union[int, str]]]:
         target = self._current_targets().get(token)
-        return None if target is None else _as_pair(target)
+        return None if target is None else _as_pair(target, port_as_text=True)
 
 
 class TokenFile(ReadOnlyTokenFile):
@@ -1200,7 +1202,7 @@ class TokenFileName(BaseTokenPlugin):
         if len(data) > _MAX_TARGET_BYTES:
             raise _invalid_target("TokenFileName", f"{path} is too large")
         try:
-            return _as_pair(_parse_target(data.decode("utf-8").strip()))
+            return _as_pair(_parse_target(data.decode("utf-8").strip()), port_as_text=True)
         except ValueError as exc:
             raise _invalid_target("TokenFileName", f"{path}: {exc}") from None
 
@@ -1357,7 +1359,7 @@ class BaseTokenAPI(BaseTokenPlugin):
 
     def process_result(self, resp: _TokenAPIResponse) -> Tuple[str, Union[int, str]]:
         """The target in a successful answer; override for other formats."""
-        return _as_pair(_parse_target(resp.text.strip()))
+        return _as_pair(_parse_target(resp.text.strip()), port_as_text=True)
 
 
 class JSONTokenApi(BaseTokenAPI):
@@ -1475,7 +1477,7 @@ class TokenRedis(BaseTokenPlugin):
             )
         except ValueError as exc:
             raise _invalid_target("TokenRedis", exc) from None
-        return _as_pair(target)
+        return _as_pair(target, port_as_text=True)  # upstream splits "host:port" even in JSON
 
 
 _JWT_HMAC_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
@@ -1838,6 +1840,11 @@ def lookup_target(plugin: "TokenPlugin", token: Optional[str]) -> Target:
     service is down, or it has a bug); a HandshakeError the plugin raised
     itself (403 for a bad JWT, for one) passes through. Logs one line for
     each refusal."""
+    return _look_up(plugin, token)[0]
+
+
+def _look_up(plugin: "TokenPlugin", token: Optional[str]) -> Tuple[Target, Sequence[object]]:
+    """lookup_target(), and the plugin's answer as it gave it, for the auth plugin."""
     name = type(plugin).__name__
     if not token:
         _log.warning("%s: no token in the request", name)
@@ -1861,7 +1868,7 @@ def lookup_target(plugin: "TokenPlugin", token: Optional[str]) -> Target:
         _log.warning("token %s not found by %s", _brief(token), name)
         raise HandshakeError(404, "Token not found")
     try:
-        return _target_from_result(result)
+        return _target_from_result(result), result
     except ValueError as exc:
         _log.warning("token %s: %s returned an invalid target: %s", _brief(token), name, exc)
         raise HandshakeError(400, "Invalid target for token") from None
@@ -1898,7 +1905,9 @@ def _refusal_from(exc: BaseException) -> HandshakeError:
 
 
 def check_auth(
-    plugin: "AuthPlugin", headers: http.client.HTTPMessage, target: Optional[Target]
+    plugin: "AuthPlugin",
+    headers: http.client.HTTPMessage,
+    target: Union[Target, Sequence[object], None],
 ) -> None:
     """Let *plugin* judge a request. Call from a worker thread: it may block.
 
@@ -1907,11 +1916,15 @@ def check_auth(
     a HandshakeError passes through; any other exception from the plugin
     becomes 500, so a broken plugin keeps clients out and shows in the log.
     The plugin sees the target as upstream's plugins do: (host, port),
-    ("unix_socket", path), or (None, None) when there is none yet."""
+    ("unix_socket", path), or (None, None) when there is none yet. *target*
+    may also be a token plugin's (host, port) answer, which the plugin then
+    sees as it is, as upstream passes it on (a port string from a token file)."""
     target_host: Optional[str] = None
     target_port: Union[int, str, None] = None
-    if target is not None:
+    if isinstance(target, Target):
         target_host, target_port = _as_pair(target)
+    elif target is not None:  # a token plugin's answer: its types are that plugin's choice
+        target_host, target_port = cast(Tuple[str, Union[int, str]], target)
     try:
         plugin.authenticate(headers=headers, target_host=target_host, target_port=target_port)
     except HandshakeError as exc:
@@ -4132,14 +4145,14 @@ class Server:
         if self.token_plugin is not None:
             host = request.headers.get("Host")
             token = token_from_request(request.query, host, options.host_token)
-            target = lookup_target(self.token_plugin, token)
+            target, looked_up = _look_up(self.token_plugin, token)
         elif self._program is not None:
             wrapped = self._program.target
-            target = wrapped.target
+            target = looked_up = wrapped.target
         else:
-            target = _configured_target(options)
+            target = looked_up = _configured_target(options)
         if self.auth_plugin is not None:
-            check_auth(self.auth_plugin, request.headers, target)
+            check_auth(self.auth_plugin, request.headers, looked_up)
         return wrapped or _resolve_target(target, options.prefer_ipv6)
 
     def answer_web(self, request: Request, keep_alive: bool) -> _WebResponse:

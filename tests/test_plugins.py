@@ -245,10 +245,12 @@ def test_check_auth_passes_headers_and_target_as_upstream_does() -> None:
     check_auth(plugin, headers, Target("h", 5900))
     check_auth(plugin, headers, Target("unix_socket", 0, "/s.sock"))
     check_auth(plugin, headers, None)
+    check_auth(plugin, headers, ["h", "5900"])  # a token plugin's answer goes on as it is
     assert plugin.calls == [
         (headers, "h", 5900),
         (headers, "unix_socket", "/s.sock"),
         (headers, None, None),
+        (headers, "h", "5900"),
     ]
 
 
@@ -334,7 +336,7 @@ def test_token_file_entries_and_skipped_lines(
     path = tmp_path / "tokens"
     path.write_text(TOKEN_FILE)
     plugin = load_plugin("token", "ReadOnlyTokenFile", str(path))
-    assert plugin.lookup("vm1") == ("10.0.0.1", 5900)
+    assert plugin.lookup("vm1") == ("10.0.0.1", "5900")  # a string, as upstream splits it
     assert lookup_target(plugin, "vm2") == Target("2001:db8::7", 5901)
     assert lookup_target(plugin, "vm3") == Target("host.example", 5902)
     assert lookup_target(plugin, "with:colon") == Target("h", 1)
@@ -351,8 +353,8 @@ def test_token_file_edits_apply_to_token_file_only(tmp_path: Path) -> None:
     read_once = load_plugin("token", "ReadOnlyTokenFile", str(path))
     live = load_plugin("token", "TokenFile", str(path))
     path.write_text("vm1: b:2\nvm2: c:3\n")
-    assert read_once.lookup("vm1") == ("a", 1) and read_once.lookup("vm2") is None
-    assert live.lookup("vm1") == ("b", 2) and live.lookup("vm2") == ("c", 3)
+    assert read_once.lookup("vm1") == ("a", "1") and read_once.lookup("vm2") is None
+    assert live.lookup("vm1") == ("b", "2") and live.lookup("vm2") == ("c", "3")
     path.write_text("")
     assert live.lookup("vm1") is None
 
@@ -364,7 +366,7 @@ def test_token_file_logs_a_bad_line_once_however_often_it_is_read(
     path.write_text("nonsense\nvm1: a:1\n")
     plugin = load_plugin("token", "TokenFile", str(path))
     for _ in range(3):
-        assert plugin.lookup("vm1") == ("a", 1)
+        assert plugin.lookup("vm1") == ("a", "1")
     assert len(warnings_of(caplog)) == 1
 
 
@@ -376,12 +378,12 @@ def test_token_directory_reads_every_file_but_backups_and_hidden_ones(tmp_path: 
     (tmp_path / "subdir").mkdir()
     (tmp_path / "subdir" / "c.conf").write_text("vm3: c:3\n")
     plugin = load_plugin("token", "TokenFile", str(tmp_path))
-    assert plugin.lookup("vm1") == ("a", 1) and plugin.lookup("vm2") == ("b", 2)
-    assert plugin.lookup("shared") == ("b", 9)  # name order: the later file wins
+    assert plugin.lookup("vm1") == ("a", "1") and plugin.lookup("vm2") == ("b", "2")
+    assert plugin.lookup("shared") == ("b", "9")  # name order: the later file wins
     for hidden in ("old", "swap", "vm3"):
         assert plugin.lookup(hidden) is None
     (tmp_path / "c.conf").write_text("vm3: c:3\n")
-    assert plugin.lookup("vm3") == ("c", 3)
+    assert plugin.lookup("vm3") == ("c", "3")
 
 
 @pytest.fixture
@@ -453,7 +455,7 @@ def test_a_token_source_that_is_not_there_yet_is_made_absolute(
     plugin = load_plugin("token", "ReadOnlyTokenFile", "tokens")
     monkeypatch.chdir("/")
     (tmp_path / "tokens").write_text("vm1: a:1\n")
-    assert plugin.lookup("vm1") == ("a", 1)
+    assert plugin.lookup("vm1") == ("a", "1")
 
 
 def test_token_file_source_is_absolute_so_a_chdir_changes_nothing(
@@ -463,7 +465,7 @@ def test_token_file_source_is_absolute_so_a_chdir_changes_nothing(
     monkeypatch.chdir(tmp_path)
     plugin = load_plugin("token", "TokenFile", "tokens")
     monkeypatch.chdir("/")
-    assert plugin.lookup("vm1") == ("a", 1)
+    assert plugin.lookup("vm1") == ("a", "1")
 
 
 # --- TokenFileName and UnixDomainSocketDirectory: no escaping the directory ---
@@ -479,6 +481,7 @@ def test_token_file_name(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
     os.mkfifo(tmp_path / "fifo")  # opening a FIFO must not block the worker
     plugin = load_plugin("token", "TokenFileName", str(tmp_path))
+    assert plugin.lookup("vm1") == ("10.0.0.1", "5900")  # a string, as upstream splits it
     assert lookup_target(plugin, "vm1") == Target("10.0.0.1", 5900)
     assert lookup_target(plugin, "sock") == Target("unix_socket", 0, "/run/x.sock")
     assert refusal(lookup_target, plugin, "missing").status == 404
@@ -787,6 +790,9 @@ def test_token_api_plain_and_json(token_service: TokenService) -> None:
     as_json = load_plugin("token", "JSONTokenApi", token_service.url + "/json/%s")
     assert lookup_target(plain, "vm1") == Target("10.0.0.1", 5900)
     assert lookup_target(as_json, "vm2") == Target("h2", 5901)
+    # The port as upstream's plugins return it: split off text, or the JSON's number.
+    assert plain.lookup("vm1") == ("10.0.0.1", "5900")
+    assert as_json.lookup("vm2") == ("h2", 5901)
     assert refusal(lookup_target, plain, "nope").status == 404
     assert refusal(lookup_target, as_json, "nope").status == 404
 
@@ -853,6 +859,7 @@ def test_redis_values_db_and_namespace(redis: RedisServer, tmp_path: Path) -> No
     plugin = load_plugin("token", "TokenRedis", redis_source(redis, "", quoted_password))
     assert lookup_target(plugin, "plain") == Target("10.0.0.1", 5900)
     assert lookup_target(plugin, "json") == Target("h2", 5901)
+    assert plugin.lookup("json") == ("h2", "5901")  # upstream splits "host:port" here too
     assert lookup_target(plugin, "spaced") == Target("h3", 5902)
     assert lookup_target(plugin, "v6") == Target("::1", 5903)
     assert refusal(lookup_target, plugin, "in-db-3").status == 404

@@ -972,6 +972,18 @@ class Gate(object):
             raise AuthenticationError(
                 response_code=409, response_msg="target %s:%s" % (target_host, target_port)
             )
+
+
+class PortList(object):
+    """Lets in targets whose port is in the source, compared as upstream's TokenFile
+    hands the port on: a string."""
+
+    def __init__(self, src):
+        self.ports = src.split(",")
+
+    def authenticate(self, headers, target_host, target_port):
+        if target_port not in self.ports:
+            raise AuthenticationError(response_msg="port %r not allowed" % (target_port,))
 '''
 
 SLOW_SECONDS = 3.0
@@ -1029,6 +1041,23 @@ def test_plugins_of_ones_own_from_pythonpath(
     assert "authentication refused: 403 wrong gate" in log
     assert "authentication refused: 429 too many attempts" in log
     assert not targets["one"].connections
+
+
+def test_an_auth_plugin_sees_the_port_as_the_token_file_wrote_it(
+    start_proxy: ProxyFactory, targets: Targets, plugin_env: Dict[str, str], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"vm1: {targets['one'].target}\nvm2: {targets['two'].target}\n")
+    one_port = str(targets["one"].port)
+    _, port = proxy_on(
+        start_proxy,
+        *("--token-plugin", "TokenFile", "--token-source", str(tokens)),
+        *("--auth-plugin", "site_plugins.PortList", "--auth-source", one_port),
+        env=plugin_env,
+    )
+    assert greeted_by(port, "/websockify?token=vm1") == "one"
+    two = refused(port, "/websockify?token=vm2")
+    assert two.status == 403 and f"port '{targets['two'].port}' not allowed" in two.body
 
 
 def test_upstream_dotted_names(start_proxy: ProxyFactory, targets: Targets, tmp_path: Path) -> None:
