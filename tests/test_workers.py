@@ -5,7 +5,7 @@ import signal
 import socket
 import struct
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
+from typing import List, Set, Tuple
 
 import pytest
 from conftest import (
@@ -52,11 +52,32 @@ def wait_workers(proxy: Proxy, count: int) -> Set[int]:
     return workers
 
 
-def open_sockets(pid: int) -> int:
-    return sum(
-        os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        for fd in os.listdir(f"/proc/{pid}/fd")
-    )
+def socket_inodes(pid: int) -> Set[int]:
+    """The inodes of the sockets *pid* holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[len("socket:[") : -1]))
+    return inodes
+
+
+def accepted_from(clients: List[RawClient]) -> Set[int]:
+    """The inodes of the sockets at the far end of *clients*' connections: the proxy's."""
+    ports = {client.sock.getsockname()[1] for client in clients}
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)  # the column names
+            for line in lines:
+                fields = line.split()
+                remote_port, inode = int(fields[2].rsplit(":", 1)[1], 16), int(fields[9])
+                if remote_port in ports and inode:
+                    inodes.add(inode)
+    return inodes
 
 
 def start_workers(
@@ -81,14 +102,15 @@ def test_two_workers_share_the_port_and_both_serve(
     start_proxy: ProxyFactory, echo_server: TcpServer
 ) -> None:
     proxy, address, workers = start_workers(start_proxy, echo_server.target, 2)
-    idle: Dict[int, int] = {pid: open_sockets(pid) for pid in workers}
     clients = [RawClient.connect(address) for _ in range(24)]
     try:
         echo_through(clients)
         # The kernel spreads connections over the workers' sockets: each holds some now
         # (24 connections all landing on one of two workers: odds of 1 in 8 million).
+        accepted = accepted_from(clients)
+        assert len(accepted) == len(clients)
         for pid in workers:
-            assert open_sockets(pid) > idle[pid], f"worker {pid} got no connection"
+            assert socket_inodes(pid) & accepted, f"worker {pid} got no connection"
         assert "starting 2 worker processes" in proxy.log()
     finally:
         for client in clients:
