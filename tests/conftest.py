@@ -20,7 +20,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 import pytest
 import trustme
@@ -695,6 +707,18 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time *pid* has used, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_files(pid: int) -> Set[str]:
+    """What the process's descriptors point at ("socket:[inode]" for a socket); a file
+    opened anew never matches one closed before, as a reused descriptor number would."""
+    files = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            files.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed while listed
+            pass
+    return files
 
 
 def descriptor_count(pid: int) -> int:

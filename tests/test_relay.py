@@ -7,7 +7,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Set, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 from conftest import (
@@ -22,6 +22,7 @@ from conftest import (
     free_port,
     listen_args,
     listening_socket,
+    open_files,
     rss_kib,
     wait_until,
     ws_url,
@@ -597,18 +598,6 @@ def test_listen_port_in_use_is_a_startup_error(start_proxy: ProxyFactory) -> Non
         proxy = start_proxy(f"127.0.0.1:{port}", "127.0.0.1:1")
         assert proxy.wait_exit() == 2
         assert "cannot listen" in proxy.log()
-
-
-def open_files(pid: int) -> Set[str]:
-    """What the process's descriptors point at ("socket:[inode]" for a socket); a file
-    opened anew never matches one closed before, as a reused descriptor number would."""
-    files = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            files.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except FileNotFoundError:  # closed while listed
-            pass
-    return files
 
 
 def test_sessions_leave_no_descriptors_behind(

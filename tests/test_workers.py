@@ -17,6 +17,7 @@ from conftest import (
     env_with_module,
     free_port,
     listen_args,
+    open_files,
     process_exited,
     wait_until,
 )
@@ -52,23 +53,11 @@ def wait_workers(proxy: Proxy, count: int) -> Set[int]:
     return workers
 
 
-def socket_inodes(pid: int) -> Set[int]:
-    """The inodes of the sockets *pid* holds open."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:  # closed since the listing
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[len("socket:[") : -1]))
-    return inodes
-
-
-def accepted_from(clients: List[RawClient]) -> Set[int]:
-    """The inodes of the sockets at the far end of *clients*' connections: the proxy's."""
+def accepted_from(clients: List[RawClient]) -> Set[str]:
+    """The sockets at the far end of *clients*' connections, the proxy's, as open_files()
+    names them."""
     ports = {client.sock.getsockname()[1] for client in clients}
-    inodes = set()
+    sockets = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as lines:
             next(lines)  # the column names
@@ -76,8 +65,8 @@ def accepted_from(clients: List[RawClient]) -> Set[int]:
                 fields = line.split()
                 remote_port, inode = int(fields[2].rsplit(":", 1)[1], 16), int(fields[9])
                 if remote_port in ports and inode:
-                    inodes.add(inode)
-    return inodes
+                    sockets.add(f"socket:[{inode}]")
+    return sockets
 
 
 def start_workers(
@@ -110,7 +99,7 @@ def test_two_workers_share_the_port_and_both_serve(
         accepted = accepted_from(clients)
         assert len(accepted) == len(clients)
         for pid in workers:
-            assert socket_inodes(pid) & accepted, f"worker {pid} got no connection"
+            assert open_files(pid) & accepted, f"worker {pid} got no connection"
         assert "starting 2 worker processes" in proxy.log()
     finally:
         for client in clients:
