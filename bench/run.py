@@ -7,7 +7,8 @@ from there, and our proxy runs under the same interpreter. Every case starts the
 side by side on 127.0.0.1 in front of the same target process, measures them in turn
 (A B A B ...), and reports medians and the ratio ours/upstream; socat, a plain TCP relay
 with no WebSocket framing, shows the limit for the throughput cases. The results go to
-stdout as a markdown table and to bench/results/latest.md and latest.json.
+stdout as a markdown table and to bench/results/latest.md and latest.json; a quick run,
+or one of some cases only, writes scratch.md and scratch.json there instead.
 """
 
 import argparse
@@ -627,7 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs (under 2 minutes)")
     parser.add_argument("--cases", default="", help="comma-separated case numbers (default all)")
     parser.add_argument("--rounds", type=int, default=0, help="measured rounds per case")
-    parser.add_argument("--out", default=str(RESULTS), help="where latest.md/json go")
+    parser.add_argument("--out", default=str(RESULTS), help="where the results go")
     args = parser.parse_args(argv)
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()] or list(CASES)
     wanted = ["1" if c == "2" else c for c in wanted]
@@ -667,7 +668,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.md").write_text(header + "\n\n" + table + "\n")
+    # Only a full run of every case replaces latest.*, the results the README shows.
+    stem = "latest" if mode == "full" and not args.cases else "scratch"
+    (out / f"{stem}.md").write_text(header + "\n\n" + table + "\n")
     result = {
         "mode": mode,
         "date": when,
@@ -676,7 +679,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "rows": bench.report.rows,
         "failures": failures,
     }
-    (out / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
